@@ -1,0 +1,1 @@
+"""Query datasets, label files and host-to-global array helpers."""
