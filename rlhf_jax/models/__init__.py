@@ -87,6 +87,11 @@ def logical_axes(config: GPT2Config, heads: Sequence[str] = ()):
     return nn.get_partition_spec(boxed)
 
 
+def axis_rules(rules):
+    """Context manager binding logical axis names to mesh axes for activation constraints."""
+    return nn.logical_axis_rules(rules)
+
+
 def forward(params, tokens: Array, config: GPT2Config, cache: KVCache | None = None):
     """Runs the model.
 
