@@ -1,0 +1,225 @@
+"""Process-level plumbing for entry points: distributed init, logging, stop signals, file writes.
+
+Nothing here touches model math. The train loops call these once at start-up (logging,
+distributed runtime), poll `StopSignal` once per step, and use the atomic writers for every
+small non-orbax file (config.json, reports, rewritten metrics) so a crash never leaves a torn
+file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterable
+
+import jax
+from absl import logging as absl_logging
+from etils import epath
+
+DISTRIBUTED_ENV = "RLHF_JAX_DISTRIBUTED"
+LOG_FILE_NAME = "train.log"
+
+_distributed_lock = threading.Lock()
+_distributed_done = False
+_file_handler: logging.Handler | None = None
+_active_stops: weakref.WeakSet[StopSignal] = weakref.WeakSet()
+
+
+def maybe_initialize_distributed() -> bool:
+    """Starts the JAX distributed runtime when `RLHF_JAX_DISTRIBUTED=1`, at most once.
+
+    TPU VMs need it on every worker, single-host ones too: it is what starts JAX's preemption
+    service, which orbax's `reached_preemption` (and so save-on-preemption) depends on. The
+    launcher (`launch/run_tpu.sh`) sets the variable; local and CPU runs leave it unset.
+    Must run before anything else touches JAX devices.
+
+    Returns:
+        True when the runtime is initialized (by this call or an earlier one), else False.
+    """
+    global _distributed_done
+    if os.environ.get(DISTRIBUTED_ENV, "") != "1":
+        return False
+    with _distributed_lock:
+        # `jax.distributed.initialize` raises when called twice; another library may also have
+        # called it already, so check JAX's own state too.
+        if not _distributed_done and not jax.distributed.is_initialized():
+            jax.distributed.initialize()
+        _distributed_done = True
+    return True
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes non-orbax files and prints progress."""
+    return jax.process_index() == 0
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def setup_logging(workdir: str | os.PathLike | None = None, *, level: str = "info") -> None:
+    """Routes absl and stdlib logging to stderr with timestamps, plus a log file on process 0.
+
+    Idempotent: calling it again (a second run in the same test process) replaces the file
+    handler rather than adding another. The file is `{workdir}/train.log`, appended to, so the
+    attempts of a resumed run stay in one file. For `gs://` workdirs no file is written: an
+    object cannot be appended to, and the launcher already captures stderr on each worker.
+
+    Args:
+        workdir: Run directory, or None for stderr only.
+        level: absl verbosity name ("debug", "info", "warning", ...).
+    """
+    global _file_handler
+    # The absl handler prefixes every line with level, date, time, thread id and file:line.
+    absl_logging.use_absl_handler()
+    absl_logging.set_verbosity(level)
+    root = logging.getLogger()
+    if _file_handler is not None:
+        root.removeHandler(_file_handler)
+        _file_handler.close()
+        _file_handler = None
+    if workdir is None or not _is_local(workdir) or not is_primary():
+        return
+    os.makedirs(workdir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(os.fspath(workdir), LOG_FILE_NAME), "a", "utf-8")
+    handler.setFormatter(absl_logging.PythonFormatter())
+    root.addHandler(handler)
+    _file_handler = handler
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` so readers see the old file or the new one, never a partial one.
+
+    Local paths: write a temp file in the same directory (same filesystem, so the rename is
+    atomic), fsync, then `os.replace`. `gs://` and other remote paths: a single object write,
+    which is atomic in GCS. Parent directories are created.
+
+    Args:
+        path: Destination file path.
+        data: Full file contents.
+    """
+    if not _is_local(path):
+        dest = epath.Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        return
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        # mkstemp creates the file 0600; give it the usual 0644 so others can read run files.
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Leave no stray temp file when the write or rename fails.
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text version of `atomic_write_bytes`.
+
+    Args:
+        path: Destination file path.
+        text: Full file contents.
+    """
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag so the train loop can checkpoint and exit cleanly.
+
+    The handler only records the signal; the loop polls `requested` after each step, saves a
+    checkpoint (`force=True`), waits for it and exits. A second SIGINT while a stop is
+    already pending raises KeyboardInterrupt, so an impatient Ctrl-C still works.
+
+    When the JAX distributed runtime is up, SIGTERM is left alone by default: JAX installs a
+    native SIGTERM handler for its preemption service, and replacing it with a Python one would
+    silently switch off orbax's `reached_preemption` (checked: the sync point then never
+    fires). Instead `Checkpointer.save` calls `request_stop("preemption")` at the step where
+    orbax saved for the preemption, so `requested` covers both paths.
+
+    Usage:
+        with runtime.StopSignal() as stop:
+            for step in ...:
+                ...
+                ckpt.save(step, state, meta, force=stop.requested)
+                if stop.requested: ...  # wait_until_finished(), exit
+    """
+
+    def __init__(self, signals: Iterable[int] | None = None):
+        """Installs the handlers (main thread only).
+
+        Args:
+            signals: Signals to catch. Default: SIGINT, plus SIGTERM unless the JAX distributed
+                runtime is initialized (see the class docstring).
+        """
+        if signals is None:
+            signals = [signal.SIGINT]
+            if not jax.distributed.is_initialized():
+                signals.append(signal.SIGTERM)
+        self._reason: str | None = None
+        self._previous: dict[int, object] = {}
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        _active_stops.add(self)
+
+    def _handle(self, signum, frame):
+        del frame
+        if self._reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        """Asks the loop to stop, as a caught signal would.
+
+        Args:
+            reason: Shown in logs and `reason`, e.g. "SIGTERM" or "preemption".
+        """
+        if self._reason is None:
+            self._reason = reason
+            absl_logging.warning("Stop requested (%s): stopping after the current step.", reason)
+
+    @property
+    def requested(self) -> bool:
+        """True once a caught signal (or `request`) has asked for a stop."""
+        return self._reason is not None
+
+    @property
+    def reason(self) -> str | None:
+        """What asked for the stop ("SIGTERM", "SIGINT", "preemption"), or None."""
+        return self._reason
+
+    def close(self) -> None:
+        """Restores the handlers that were installed before this object."""
+        for signum, previous in self._previous.items():
+            # None means a handler not installed from Python; SIG_DFL is the closest we can do.
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+        _active_stops.discard(self)
+
+    def __enter__(self) -> StopSignal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def request_stop(reason: str) -> None:
+    """Sets `requested` on every open `StopSignal` (used on a preemption notice).
+
+    Args:
+        reason: Why, e.g. "preemption".
+    """
+    for stop in list(_active_stops):
+        stop.request(reason)

@@ -1,0 +1,265 @@
+"""Tests for rlhf_jax.checkpointing: policy, round trip of optax/flax state, cross-mesh restore."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax import checkpointing, runtime
+from tests.conftest import require_devices
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Shaped like the train loops' states: a None field, optax state, raw key data."""
+
+    step: jax.Array
+    params: dict
+    value_params: dict | None
+    opt: optax.OptState
+    rng_key_data: jax.Array
+
+
+def _mesh(shape, names):
+    return Mesh(np.asarray(jax.devices()[: int(np.prod(shape))]).reshape(shape), names)
+
+
+def _state(sharding_w=None):
+    w = jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8)
+    params = {"w": w, "b": jnp.linspace(0, 1, 8).astype(jnp.bfloat16)}
+    if sharding_w is not None:
+        params["w"] = jax.device_put(w, sharding_w)
+    opt = optax.adam(1e-3).init(params)
+    # One update so mu/nu/count are not trivially zero.
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, opt = optax.adam(1e-3).update(grads, opt, params)
+    return TrainState(
+        step=jnp.asarray(7, jnp.int32),
+        params=params,
+        value_params=None,
+        opt=opt,
+        rng_key_data=jax.random.key_data(jax.random.key(42)),
+    )
+
+
+def _assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_missing_or_empty_dir_has_no_latest_step(tmp_path):
+    with checkpointing.Checkpointer(tmp_path / "missing" / "ckpt", save_every=1) as ckpt:
+        assert ckpt.latest_step() is None
+        with pytest.raises(FileNotFoundError):
+            ckpt.restore()
+    (tmp_path / "empty").mkdir()
+    with checkpointing.Checkpointer(tmp_path / "empty", save_every=1) as ckpt:
+        assert ckpt.latest_step() is None
+
+
+def test_interval_policy_force_and_keep(tmp_path):
+    state = _state()
+    with checkpointing.Checkpointer(tmp_path, save_every=2, keep=3) as ckpt:
+        saved = {step: ckpt.save(step, state, {"step": step}) for step in (1, 2, 3)}
+        assert saved == {1: False, 2: True, 3: False}
+        assert ckpt.save(3, state, {"step": 3}, force=True)
+        # Forcing a step that is already saved (final save right after an interval save).
+        assert not ckpt.save(3, state, {"step": 3}, force=True)
+        for step in (4, 5, 6):
+            ckpt.save(step, state, {"step": step})
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [3, 4, 6]
+        assert ckpt.latest_step() == 6
+        assert not ckpt.reached_preemption(6)  # No distributed runtime here.
+
+
+def test_round_trip_keeps_types_dtypes_and_meta(tmp_path):
+    state = _state()
+    meta = {"step": 7, "kl_coef": np.float32(0.25), "query_length": 64, "shape": (1, 2)}
+    with checkpointing.Checkpointer(tmp_path, save_every=7) as ckpt:
+        assert ckpt.save(7, state, meta)
+    with checkpointing.Checkpointer(tmp_path, save_every=7) as ckpt:
+        restored, restored_meta = ckpt.restore(abstract_state=checkpointing.abstract_state(state))
+    _assert_same(restored, state)
+    assert isinstance(restored, TrainState) and restored.value_params is None
+    assert isinstance(restored.opt[0], optax.ScaleByAdamState)
+    assert isinstance(restored.opt[1], optax.EmptyState)
+    assert restored.params["b"].dtype == jnp.bfloat16
+    key = jax.random.wrap_key_data(restored.rng_key_data)
+    np.testing.assert_array_equal(jax.random.key_data(key), state.rng_key_data)
+    assert restored_meta == {"step": 7, "kl_coef": 0.25, "query_length": 64, "shape": [1, 2]}
+
+
+@require_devices(8)
+@pytest.mark.parametrize("target", ["data2_fsdp4", "replicated"])
+def test_restore_onto_another_mesh(tmp_path, target):
+    fsdp8 = _mesh((8,), ("fsdp",))
+    state = _state(NamedSharding(fsdp8, P("fsdp")))
+    assert len(state.params["w"].sharding.device_set) == 8
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(1, state, {})
+
+    mesh = _mesh((2, 4), ("data", "fsdp"))
+    replicated = NamedSharding(mesh, P())
+    shardings = jax.tree.map(lambda _: replicated, state)
+    if target == "data2_fsdp4":
+        w_sharding = NamedSharding(mesh, P("fsdp", "data"))
+        shardings = shardings.replace(params={**shardings.params, "w": w_sharding})
+    abstract = checkpointing.abstract_state(state, shardings)
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        restored, _ = ckpt.restore(1, abstract)
+    _assert_same(restored, state)
+    for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings), strict=True):
+        assert leaf.sharding == sharding
+    if target == "data2_fsdp4":
+        assert restored.params["w"].addressable_shards[0].data.shape == (4, 4)
+
+
+def test_half_written_step_is_ignored(tmp_path):
+    state = _state()
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(2, state, {"step": 2})
+    # A crash during the save of step 5: orbax writes into `<step>.orbax-checkpoint-tmp-<ts>`
+    # and renames it only once everything is on disk.
+    shutil.copytree(tmp_path / "2", tmp_path / "5.orbax-checkpoint-tmp-1712345678")
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        assert ckpt.latest_step() == 2
+        _, meta = ckpt.restore(abstract_state=checkpointing.abstract_state(state))
+        assert meta == {"step": 2}
+        # The next save after resuming goes through normally.
+        assert ckpt.save(3, state, {"step": 3})
+        ckpt.wait_until_finished()
+        assert ckpt.latest_step() == 3
+    # cleanup_tmp_directories runs in the background and is awaited by the first save.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "3"]
+
+
+def test_abstract_state_sharding_forms():
+    mesh = _mesh((2, 4), ("data", "fsdp"))
+    tree = {"a": jnp.zeros((4, 8)), "b": jax.ShapeDtypeStruct((2,), jnp.int8), "c": 3}
+    one = NamedSharding(mesh, P())
+    out = checkpointing.abstract_state(tree, one)
+    assert all(x.sharding == one for x in jax.tree.leaves(out))
+    assert out["b"].dtype == jnp.int8 and out["c"].shape == ()
+    per_leaf = {"a": NamedSharding(mesh, P("data")), "b": one, "c": one}
+    assert checkpointing.abstract_state(tree, per_leaf)["a"].sharding == per_leaf["a"]
+    own = checkpointing.abstract_state({"a": tree["a"]})
+    assert own["a"].sharding == tree["a"].sharding
+
+
+def test_check_compatible():
+    meta = {"config_hash": "abc", "query_length": 64, "shape": [1, 2]}
+    checkpointing.check_compatible(
+        meta,
+        {"config_hash": "abc", "query_length": np.int64(64), "shape": (1, 2)},
+        ["config_hash", "query_length", "shape"],
+    )
+    with pytest.raises(ValueError, match=r"'query_length' is 64 in the checkpoint but 32"):
+        checkpointing.check_compatible(meta, {"query_length": 32}, ["query_length"])
+    with pytest.raises(ValueError, match=r"'model' is '<missing>' in the checkpoint but '124M'"):
+        checkpointing.check_compatible(meta, {"model": "124M"}, ["model"])
+
+
+def test_relative_directory_works(tmp_path, monkeypatch):
+    # orbax itself rejects relative paths, but only when the first save reaches tensorstore.
+    monkeypatch.chdir(tmp_path)
+    with checkpointing.Checkpointer("run/ckpt", save_every=1) as ckpt:
+        assert ckpt.save(1, {"a": jnp.ones(3)}, {})
+    assert (tmp_path / "run" / "ckpt" / "1").is_dir()
+
+
+@require_devices(8)
+def test_save_and_load_params(tmp_path):
+    fsdp8 = _mesh((8,), ("fsdp",))
+    params = _state(NamedSharding(fsdp8, P("fsdp"))).params
+    checkpointing.save_params(tmp_path / "model", params)
+    checkpointing.save_params(tmp_path / "model", params)  # A rerun replaces the export.
+    mesh = _mesh((2, 4), ("data", "fsdp"))
+    target = {"w": NamedSharding(mesh, P("data")), "b": NamedSharding(mesh, P())}
+    loaded = checkpointing.load_params(
+        tmp_path / "model", checkpointing.abstract_state(params, target)
+    )
+    _assert_same(loaded, params)
+    assert loaded["w"].sharding == target["w"]
+
+
+def test_preemption_saves_off_interval_and_requests_stop(tmp_path):
+    state = _state()
+    with runtime.StopSignal() as stop, checkpointing.Checkpointer(tmp_path, save_every=10) as ckpt:
+        # Stand-in for JAX's preemption service agreeing on step 3 as the sync point.
+        ckpt._manager.reached_preemption = lambda step: step == 3
+        assert not ckpt.save(2, state, {}) and not stop.requested
+        assert ckpt.save(3, state, {})
+        assert stop.requested and stop.reason == "preemption"
+        assert ckpt.reached_preemption(3)
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [3]
+
+
+_PREEMPTED_CHILD = textwrap.dedent("""
+    import os, signal, socket, sys, time
+    sock = socket.socket(); sock.bind(("localhost", 0)); port = sock.getsockname()[1]; sock.close()
+    import jax, jax.numpy as jnp
+    jax.distributed.initialize(f"localhost:{port}", num_processes=1, process_id=0)
+    from rlhf_jax import checkpointing, runtime
+    state = {"w": jnp.ones((4,))}
+    ckpt = checkpointing.Checkpointer(sys.argv[1], save_every=1000)
+    with runtime.StopSignal() as stop, ckpt:
+        for step in range(1, 500):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # What the TPU VM gets before preemption.
+            ckpt.save(step, state, {"step": step}, force=stop.requested)
+            if stop.requested:
+                ckpt.wait_until_finished()
+                print("STOPPED", step, stop.reason, ckpt.all_steps(), flush=True)
+                sys.exit(3)
+            time.sleep(0.02)
+    print("NOT STOPPED", flush=True)
+""")
+
+
+def test_real_sigterm_under_distributed_runtime_saves_and_stops(tmp_path):
+    # The real path on a TPU VM: JAX's preemption service catches SIGTERM, the hosts agree on a
+    # sync step a little later, orbax saves there off the interval, and the loop is told to stop.
+    script = tmp_path / "child.py"
+    script.write_text(_PREEMPTED_CHILD)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # One device is enough; keeps the child quick.
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
+    _, step, reason, steps = proc.stdout.strip().split(" ", 3)
+    assert reason == "preemption" and int(step) >= 3
+    assert steps == f"[{step}]"  # Saved at the sync step, far off the 1000-step interval.
+
+
+def test_async_save_survives_donation_of_saved_buffers(tmp_path):
+    # The PPO step donates the old state right after `save` returns; the async write must
+    # already hold a host copy by then.
+    state = {"w": jnp.arange(1024.0), "step": jnp.asarray(1)}
+    expected = jax.tree.map(np.asarray, state)
+    abstract = checkpointing.abstract_state(state)
+    with checkpointing.Checkpointer(tmp_path, save_every=1, async_save=True) as ckpt:
+        assert ckpt.save(1, state, {})
+        jax.tree.map(lambda x: x.delete(), state)
+        ckpt.wait_until_finished()
+        restored, _ = ckpt.restore(1, abstract)
+    _assert_same(restored, expected)
