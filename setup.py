@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
     package_data={"rlhf_jax": ["data/assets/*"]},
     install_requires=[
@@ -40,7 +40,8 @@ setup(
     extras_require={
         # torch is only for parity tests and peer benchmarks; the pin takes the CPU wheel.
         "test": ["pytest>=8", "torch==2.13.0"],
-        "tpu": ["jax[tpu]>=0.10,<0.13"],
+        # gcsfs: gs:// workdirs, label files and query data (etils.epath and orbax need it).
+        "tpu": ["jax[tpu]>=0.10,<0.13", "gcsfs"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

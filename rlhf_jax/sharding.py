@@ -121,9 +121,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading axis over every device, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis over every device, the rest replicated; valid for any rank >= 1."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def batch_size_per_device(mesh: Mesh) -> int:
@@ -173,5 +173,5 @@ def mesh_context(mesh: Mesh, rules):
 
 def host_batch_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
     """Builds a global batch-sharded array from this process's slice of the batch."""
-    sharding = batch_sharding(mesh, local.ndim)
+    sharding = batch_sharding(mesh)
     return jax.make_array_from_process_local_data(sharding, local)

@@ -1,0 +1,113 @@
+"""Building a run from its config: model, weights, tokenizer, task, queries, mesh.
+
+Shared by `train_reward`, `train_policy`, `label` and `sample`, so that every entry point
+interprets a config the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax import models, sharding
+from rlhf_jax.data import sources, tasks
+from rlhf_jax.models import hf_import
+
+logger = logging.getLogger(__name__)
+
+
+def gpt2_config(config: ml_collections.ConfigDict) -> models.GPT2Config:
+    """The GPT2Config of the run's initial model (shapes from the preset)."""
+    m = config.model
+    return models.preset(m.preset, dtype=m.dtype, remat=m.remat)
+
+
+def initial_trunk(config: ml_collections.ConfigDict, gpt_cfg: models.GPT2Config):
+    """The pretrained trunk params every network starts from (spec §1.4).
+
+    From `config.model.checkpoint` (an HF GPT-2 directory or hub name), or, when it is "",
+    a random GPT-2 init from `config.model.init_seed`. The seed is not the run seed, so the
+    reward model and the policy of one experiment start from the same "pretrained" weights.
+
+    Returns:
+        The `transformer` sub-tree, float32 numpy arrays.
+    """
+    m = config.model
+    if m.checkpoint:
+        _, params = hf_import.load_hf_checkpoint(m.checkpoint, expected=gpt_cfg)
+        logger.info("initial model: %s (%s)", m.checkpoint, m.preset)
+        return params["transformer"]
+    logger.info("initial model: random %s GPT-2 (init_seed=%d)", m.preset, m.init_seed)
+    params = jax.jit(lambda k: models.init_params(gpt_cfg, k))(jax.random.key(m.init_seed))
+    return jax.tree.map(np.asarray, params["transformer"])
+
+
+def with_heads(trunk, gpt_cfg: models.GPT2Config, heads, rng: jax.Array):
+    """A param tree: the given trunk plus freshly initialised heads."""
+    fresh = jax.jit(lambda k: models.init_params(gpt_cfg, k, heads))(rng)
+    out = {k: v for k, v in fresh.items() if k != "transformer"}
+    out["transformer"] = trunk
+    return out
+
+
+def tokenizer(config: ml_collections.ConfigDict):
+    from rlhf_jax.tokenizer import get_tokenizer
+
+    return get_tokenizer(config.model.tokenizer)
+
+
+def task_spec(config: ml_collections.ConfigDict, tok, gpt_cfg: models.GPT2Config) -> tasks.TaskSpec:
+    """The token-level task settings; texts such as start_text are encoded here."""
+    t = config.task
+    spec = tasks.make_task_spec(
+        tok,
+        query_length=t.query_length,
+        response_length=t.response_length,
+        start_text=t.start_text,
+        end_text=t.end_text,
+        query_prefix=t.query_prefix,
+        query_suffix=t.query_suffix,
+        pad_id=gpt_cfg.pad_id,
+        truncate_token=t.truncate_token,
+        truncate_after=t.truncate_after,
+        penalty_reward_value=t.penalty_reward_value,
+        temperature=t.temperature,
+    )
+    total = spec.context_length + spec.response_length
+    if total > gpt_cfg.n_positions:
+        raise ValueError(
+            f"task: context {spec.context_length} + response {spec.response_length} = {total} "
+            f"tokens exceed the model's n_positions={gpt_cfg.n_positions}"
+        )
+    return spec
+
+
+def query_dataset(config: ml_collections.ConfigDict, tok, spec: tasks.TaskSpec,
+                  split: str = "train") -> tasks.QueryDataset:
+    """The query stream of `config.task.query_dataset`, a pure function of (seed, step)."""
+    texts = sources.load_texts(config.task.query_dataset, split)
+    return tasks.QueryDataset(texts, tok, spec, shuffle_seed=config.task.query_shuffle_seed)
+
+
+def mesh_and_rules(config: ml_collections.ConfigDict):
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    logger.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
+                jax.devices()[0].platform)
+    return mesh, rules
+
+
+def ensure_workdir(workdir: str) -> str:
+    if not workdir.startswith("gs://"):
+        os.makedirs(workdir, exist_ok=True)
+    return workdir
+
+
+def spec_dict(spec: tasks.TaskSpec) -> dict:
+    """A JSON-able view of a TaskSpec, stored with checkpoints for compatibility checks."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}

@@ -1,0 +1,236 @@
+r"""PPO fine-tuning of a GPT-2 policy against a learned reward model (spec §4).
+
+  python -m rlhf_jax.train_policy --config configs/sentiment.py --workdir runs/sentiment \
+      [--config.rewards.trained_model=runs/sentiment_rm] [--config.ppo.lr=2e-5]
+
+Without `rewards.trained_model`, a reward model is trained first into `{workdir}/reward` (the
+original's `train_new_model`); with it, that train_reward workdir's model is loaded and its task
+settings must equal the policy's. Each iteration: rollout (sample, reference log-probs, score
+with penalty, KL-penalised rewards), then `noptepochs` x `nminibatches` PPO steps, then the
+KL controller update (after the update, fed the batch's sampling-time KL, spec §10.10).
+
+The same command on the same workdir resumes. Resume order: (1) the latest checkpoint in
+`{workdir}/checkpoints`; (2) otherwise the initial model of `config.model` (policy, with a
+zero value head, and reference), the reward model from (1) or (2) above. SIGTERM writes a
+checkpoint and exits with status 3 ("stopped, resumable"); a non-finite loss stops the run
+before anything is saved, so the last good checkpoint stays intact.
+
+Outputs: `metrics.jsonl` (the original's metric names), TensorBoard events, `samples.jsonl`,
+`config.json`, `plot.png` and orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from rlhf_jax import (
+    checkpointing,
+    experiment,
+    kl_control,
+    labelers,
+    metrics as metrics_lib,
+    models,
+    ppo_trainer,
+    runtime,
+    sharding,
+    train_reward,
+)
+
+logger = logging.getLogger(__name__)
+
+EXIT_STOPPED = 3
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A PPO iteration produced a NaN or infinite loss or score."""
+
+
+def _kl_settings(p: ml_collections.ConfigDict) -> dict:
+    return dict(adaptive=p.kl.adaptive, target=p.kl.target, horizon=p.kl.horizon)
+
+
+def reward_model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Trains a reward model into {workdir}/reward unless rewards.trained_model names one."""
+    if config.rewards.trained_model:
+        return config.rewards.trained_model
+    rm_dir = os.path.join(workdir, "reward")
+    logger.info("rewards.trained_model is empty: training a reward model in %s first", rm_dir)
+    train_reward.train_reward(config, rm_dir)
+    return rm_dir
+
+
+def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs PPO to `ppo.total_episodes`; returns the last iteration's metrics."""
+    p = config.ppo
+    mesh, rules = experiment.mesh_and_rules(config)
+    ppo_trainer.check_ppo_config(p, mesh)
+    settings = ppo_trainer.PPOSettings.from_config(p)
+    if config.rewards.trained_model and not os.path.isdir(config.rewards.trained_model):
+        raise FileNotFoundError(
+            f"rewards.trained_model={config.rewards.trained_model!r} does not exist")
+    gpt_cfg = experiment.gpt2_config(config)
+    tok = experiment.tokenizer(config)
+    spec = experiment.task_spec(config, tok, gpt_cfg)
+    dataset = experiment.query_dataset(config, tok, spec)
+    experiment.ensure_workdir(workdir)
+
+    rm_params, rm_cfg, rm_meta = train_reward.load_reward_model(
+        reward_model_dir(config, workdir), mesh, rules, expected_spec=spec)
+    num_updates = math.ceil(p.total_episodes / p.batch_size)
+    tx = ppo_trainer.make_optimizer(p, num_updates)
+    heads = () if settings.separate_value else ("value",)
+    policy_sharding = sharding.param_shardings(gpt_cfg, heads, mesh, rules)
+    value_sharding = (sharding.param_shardings(rm_cfg, ("value",), mesh, rules)
+                      if settings.separate_value else None)
+    trainable_sharding = {"policy": policy_sharding}
+    if settings.separate_value:
+        trainable_sharding["value"] = value_sharding
+    ref_sharding = {"transformer": policy_sharding["transformer"]}
+    rm_sharding = sharding.param_shardings(rm_cfg, ("reward",), mesh, rules)
+    abstract_trainable = jax.eval_shape(lambda: {
+        "policy": models.init_params(gpt_cfg, jax.random.key(0), heads),
+        **({"value": models.init_params(rm_cfg, jax.random.key(0), ("value",))}
+           if settings.separate_value else {})})
+    sharding.assert_sufficiently_sharded(trainable_sharding, abstract_trainable)
+    opt_sharding = sharding.opt_state_shardings(tx, abstract_trainable, trainable_sharding, mesh)
+    repl = sharding.replicated(mesh)
+    state_sharding = {"params": trainable_sharding, "opt_state": opt_sharding, "step": repl,
+                      "kl_coef": repl}
+    # Sampling reads the policy once per generated token: replicate it for the rollout, so FSDP
+    # does not all-gather every layer at every decoding step (one gather per rollout instead).
+    rollout_sharding = jax.tree.map(lambda _: repl, policy_sharding)
+    fns = ppo_trainer.PPOFunctions(
+        gpt_cfg, rm_cfg, spec, settings, tx, mesh, state_sharding, policy_sharding,
+        ref_sharding, rm_sharding, value_sharding, rollout_sharding)
+
+    rng_init, rng_sample, rng_shuffle = jax.random.split(jax.random.key(config.seed), 3)
+    trunk = experiment.initial_trunk(config, gpt_cfg)
+    ref_params = jax.device_put({"transformer": trunk}, ref_sharding)
+
+    def fresh_state():
+        trainable = {"policy": experiment.with_heads(trunk, gpt_cfg, heads, rng_init)}
+        if settings.separate_value:
+            trainable["value"] = ppo_trainer.value_params_from_reward(rm_params)
+        with sharding.mesh_context(mesh, rules):
+            trainable = jax.device_put(trainable, trainable_sharding)
+            opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(trainable)
+        return {"params": trainable, "opt_state": opt_state,
+                "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+                "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}
+
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      save_every=config.ckpt_every, keep=config.ckpt_keep)
+    latest = ckpt.latest_step()
+    run_meta = {"gpt2_config": dict(vars(gpt_cfg)), "task_spec": experiment.spec_dict(spec),
+                "value_model": p.value_model}
+    if latest is not None:  # (1) resume
+        abstract = checkpointing.abstract_state(
+            {"params": abstract_trainable, "opt_state": jax.eval_shape(tx.init, abstract_trainable),
+             "step": jax.ShapeDtypeStruct((), jnp.int32),
+             "kl_coef": jax.ShapeDtypeStruct((), jnp.float32)}, state_sharding)
+        state, meta = ckpt.restore(latest, abstract)
+        checkpointing.check_compatible(meta, run_meta, list(run_meta))
+        logger.info("resumed from iteration %d", latest)
+    else:  # (2) the initial model
+        state = fresh_state()
+    # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
+                                      resume_step=-1 if latest is None else latest)
+    if runtime.is_primary():
+        writer.write_json("config.json", config.to_dict())
+
+    start = int(state["step"])
+    progress = metrics_lib.Progress(num_updates, start=start, desc="train_policy",
+                                    items_per_step={"episodes": p.batch_size})
+    t_start = time.time()
+    last = {}
+    with runtime.StopSignal() as stop, sharding.mesh_context(mesh, rules):
+        for it in range(start, num_updates):
+            t0 = time.time()
+            local = dataset.get_batch(it, p.batch_size, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+            queries = sharding.host_batch_to_global(local, mesh)
+            policy = state["params"]["policy"]
+            value_params = state["params"].get("value")
+            data, stats, extras = fns.rollout(policy, value_params, ref_params, rm_params,
+                                              queries, state["kl_coef"],
+                                              jax.random.fold_in(rng_sample, it))
+            state, train_stats = fns.update(state, data, jax.random.fold_in(rng_shuffle, it))
+            stats = {k: float(v) for k, v in jax.device_get({**stats, **train_stats}).items()}
+            bad = [k for k in ("ppo/loss/total", "objective/score") if not np.isfinite(stats[k])]
+            if bad:
+                raise NonFiniteLossError(
+                    f"iteration {it}: non-finite {', '.join(bad)} ({stats}); stopping without "
+                    f"saving, the last good checkpoint in {workdir}/checkpoints is intact")
+            # Adaptive KL: updated after the PPO epochs with the batch's sampling-time KL.
+            new_coef = kl_control.update_kl_coef(stats["objective/kl_coef"], stats["objective/kl"],
+                                                 p.batch_size, **_kl_settings(p))
+            state["kl_coef"] = jax.device_put(jnp.float32(new_coef), repl)
+            done = it + 1
+            stats |= {"elapsed/updates": done, "elapsed/episodes": done * p.batch_size,
+                      "elapsed/steps/serial": done * spec.response_length,
+                      "elapsed/steps/total": done * p.batch_size * spec.response_length,
+                      "elapsed/fps": p.batch_size / max(time.time() - t0, 1e-9),
+                      "elapsed/time": time.time() - t_start}
+            last = stats
+            if done % config.log_every == 0 or done == num_updates:
+                writer.write(done, stats)
+                writer.write_samples(done, _sample_rows(tok, extras, spec, config, p.kl.coef))
+                progress.update(done, score=stats["objective/score"], kl=stats["objective/kl"])
+            ckpt.save(done, state, run_meta, force=stop.requested or done == num_updates)
+            if stop.requested:
+                ckpt.wait_until_finished()
+                logger.warning("stopped at iteration %d on %s; rerun to resume", done, stop.reason)
+                ckpt.close()
+                writer.close()
+                raise SystemExit(EXIT_STOPPED)
+    ckpt.close()
+    writer.close()
+    if runtime.is_primary():
+        metrics_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
+                                 os.path.join(workdir, "plot.png"), x="elapsed/episodes",
+                                 ys=("objective/score", "objective/kl", "objective/kl_coef"),
+                                 title=f"PPO {os.path.basename(os.path.normpath(workdir))}")
+    del rm_meta
+    return last
+
+
+def _sample_rows(tok, extras, spec, config, kl_coef_init: float) -> list[dict]:
+    """A few decoded samples, as the original printed them every log step (rank 0)."""
+    n = config.samples_per_log
+    ex = jax.device_get({k: v[:n] for k, v in extras.items()})
+    queries = labelers.decode_tokens(tok, ex["queries"], spec.pad_id)
+    responses = labelers.decode_tokens(tok, ex["truncated"], spec.pad_id)
+    return [{"query": q, "response": r, "score": float(s), "kl": float(k),
+             # The original's "total" uses the initial kl_coef, not the adaptive one.
+             "total": float(s) - kl_coef_init * float(k)}
+            for q, r, s, k in zip(queries, responses, ex["scores"], ex["kl_sum"])]
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    runtime.maybe_initialize_distributed()
+    runtime.setup_logging(FLAGS.workdir)
+    train_policy(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    # Flags are defined only when run as a program, so entry modules import side by side.
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
