@@ -229,6 +229,9 @@ def runtime_config(config: ml_collections.ConfigDict) -> None:
     config.ckpt_every = 50
     config.ckpt_keep = 3
     config.tensorboard = True
+    # Stop (checkpoint, exit 3) after this many iterations of one process; 0 = run to the end.
+    # For time-sliced jobs; the same command resumes.
+    config.stop_after = 0
 
 
 def tiny_overrides(config: ml_collections.ConfigDict) -> None:
@@ -255,3 +258,32 @@ def tiny_overrides(config: ml_collections.ConfigDict) -> None:
         config.ppo.kl.horizon = 1000
     config.log_every = 2
     config.ckpt_every = 4
+
+
+def sft_config(**kw) -> ml_collections.ConfigDict:
+    """Supervised fine-tuning (`python -m rlhf_jax.train_sft`, see its docstring).
+
+    The original released no SFT code or settings; these defaults are a plain choice for 124M:
+    TF-style Adam at 5e-5 decayed linearly to 0 over `steps`, batch 32.
+
+    mode: "lm" (next-token loss on windows of `seq_len` tokens of a corpus: the paper's
+    book-fine-tuned initial model) or "summarize" (loss on reference summaries laid out as the
+    policy's context + response: the paper's supervised baselines). dataset "" means the task's
+    query dataset (`task.query_dataset`, `task.query_data_dir`); `data_dir` is a tfds data_dir.
+    eval_split "" (or eval_batches 0) turns off the held-out loss.
+    """
+    cfg = dict(mode="lm", dataset="", data_dir="", split="train", eval_split="test",
+               eval_batches=4, steps=2000, batch_size=32, lr=5e-5, lr_schedule="linear",
+               warmup_steps=0, adam_style="tf", adam_eps=1e-5, seq_len=512, log_every=20)
+    cfg.update(kw)
+    return ml_collections.ConfigDict(cfg)
+
+
+def sft_tiny_overrides(config: ml_collections.ConfigDict) -> None:
+    """`:runlocal` SFT sizes: the tiny random GPT-2 learns words and periods in ~1-2 min on CPU.
+
+    A random model needs a far larger step than pretrained GPT-2 (3e-3 with a short warm-up).
+    """
+    if "sft" in config:
+        config.sft.update(dict(steps=150, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=10,
+                               log_every=10, eval_batches=2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -94,19 +95,28 @@ class PPOFunctions:
     def __init__(self, gpt_cfg: models.GPT2Config, rm_cfg: models.GPT2Config,
                  spec: tasks.TaskSpec, settings: PPOSettings, tx: optax.GradientTransformation,
                  mesh, state_sharding, policy_sharding, ref_sharding, rm_sharding,
-                 value_sharding=None, rollout_sharding=None):
+                 value_sharding=None, rollout_sharding=None, max_traces: int | None = None):
+        """Jits the rollout and the update.
+
+        `max_traces`, if set, makes a retrace beyond that count fail (chex.assert_max_traces), to
+        prove that iterations reuse one compiled program.
+        """
         self.cfg, self.rm_cfg, self.spec, self.s, self.tx = gpt_cfg, rm_cfg, spec, settings, tx
+        rollout_fn, update_fn = self._rollout, self._update
+        if max_traces is not None:
+            rollout_fn = chex.assert_max_traces(rollout_fn, n=max_traces)
+            update_fn = chex.assert_max_traces(update_fn, n=max_traces)
         batch = sharding.batch_sharding(mesh)
         repl = sharding.replicated(mesh)
         self._batch = batch
         self.rollout = jax.jit(
-            self._rollout,
+            rollout_fn,
             in_shardings=(rollout_sharding or policy_sharding, value_sharding, ref_sharding,
                           rm_sharding, batch, repl, repl),
             out_shardings=None,
         )
         self.update = jax.jit(
-            self._update,
+            update_fn,
             in_shardings=(state_sharding, None, repl),
             out_shardings=(state_sharding, repl),
             donate_argnums=(0,),

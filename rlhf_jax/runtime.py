@@ -76,7 +76,10 @@ def setup_logging(workdir: str | os.PathLike | None = None, *, level: str = "inf
     global _file_handler
     # The absl handler prefixes every line with level, date, time, thread id and file:line.
     absl_logging.use_absl_handler()
-    absl_logging.set_verbosity(level)
+    # Libraries logging through absl (orbax logs every stage of every save at INFO) are kept at
+    # warnings; our own modules log at `level`.
+    absl_logging.set_verbosity(level if level == "debug" else "warning")
+    logging.getLogger("rlhf_jax").setLevel(level.upper())
     root = logging.getLogger()
     if _file_handler is not None:
         root.removeHandler(_file_handler)

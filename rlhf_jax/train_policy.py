@@ -109,6 +109,8 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Sampling reads the policy once per generated token: replicate it for the rollout, so FSDP
     # does not all-gather every layer at every decoding step (one gather per rollout instead).
     rollout_sharding = jax.tree.map(lambda _: repl, policy_sharding)
+    to_rollout = jax.jit(lambda params: params, in_shardings=(policy_sharding,),
+                         out_shardings=rollout_sharding)
     fns = ppo_trainer.PPOFunctions(
         gpt_cfg, rm_cfg, spec, settings, tx, mesh, state_sharding, policy_sharding,
         ref_sharding, rm_sharding, value_sharding, rollout_sharding)
@@ -160,7 +162,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
             local = dataset.get_batch(it, p.batch_size, process_index=jax.process_index(),
                                       process_count=jax.process_count())
             queries = sharding.host_batch_to_global(local, mesh)
-            policy = state["params"]["policy"]
+            policy = to_rollout(state["params"]["policy"])
             value_params = state["params"].get("value")
             data, stats, extras = fns.rollout(policy, value_params, ref_params, rm_params,
                                               queries, state["kl_coef"],
@@ -187,6 +189,8 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write(done, stats)
                 writer.write_samples(done, _sample_rows(tok, extras, spec, config, p.kl.coef))
                 progress.update(done, score=stats["objective/score"], kl=stats["objective/kl"])
+            if config.stop_after and done - start >= config.stop_after:
+                stop.request(f"stop_after={config.stop_after}")
             ckpt.save(done, state, run_meta, force=stop.requested or done == num_updates)
             if stop.requested:
                 ckpt.wait_until_finished()

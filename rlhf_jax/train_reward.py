@@ -221,15 +221,16 @@ def _set_norm(params, gain, bias, param_sharding):
     return params
 
 
-def save_reward_model(workdir: str, params, setup: RewardSetup, extra: dict) -> str:
-    """Writes the final reward model (params only) and its metadata for train_policy."""
+def save_reward_model(workdir: str, params, gpt_cfg: models.GPT2Config, spec: tasks.TaskSpec,
+                      label_type: str, extra: dict | None = None) -> str:
+    """Writes a final reward model (params only) and its metadata, as train_policy loads it."""
     path = os.path.join(workdir, REWARD_MODEL_DIR)
     checkpointing.save_params(path, params)
     meta = {
-        "gpt2_config": dict(vars(setup.gpt_cfg)),
-        "task_spec": experiment.spec_dict(setup.spec),
-        "label_type": setup.label_type.name,
-        **extra,
+        "gpt2_config": dict(vars(gpt_cfg)),
+        "task_spec": experiment.spec_dict(spec),
+        "label_type": label_type,
+        **(extra or {}),
     }
     runtime.atomic_write_text(os.path.join(workdir, REWARD_MODEL_META),
                               json.dumps(meta, indent=2, sort_keys=True))
@@ -318,7 +319,8 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
         final |= {"verify/mean": check["mean"], "verify/std": check["std"],
                   "verify/num_samples": float(n)}
     writer.write(setup.num_steps, final)
-    save_reward_model(workdir, params, setup, {"final": final})
+    save_reward_model(workdir, params, setup.gpt_cfg, setup.spec, setup.label_type.name,
+                      {"final": final})
     state["params"] = params
     ckpt.save(setup.num_steps, state, {"phase": "done", "final": final}, force=True)
     ckpt.close()

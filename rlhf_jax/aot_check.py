@@ -1,0 +1,654 @@
+r"""Compiles the real PPO programs for a TPU slice on any machine, and checks they fit in memory.
+
+  pip install libtpu     # once; about 480 MB, only needed for this check
+  python -m rlhf_jax.aot_check --config configs/sentiment.py:model=774M --topology v5e:2x4 \
+      [--config.ppo.nminibatches=4] [--config.model.remat=True] [--json=report.json]
+
+The topology names a TPU generation and its chip grid ("v3:2x2" is a v3-8, "v4:2x2x1" a v4-8,
+"v5e:2x4" a v5litepod-8). libtpu's compile-only devices stand in for the TPUs, the mesh is
+`config.mesh` over them, and the functions train_policy runs are built with the same shardings
+and lowered on abstract inputs (no weights are read, `config.model.checkpoint` is ignored):
+
+- `to_rollout`: the policy resharded to replicated for sampling;
+- `rollout`: sampling with the KV cache, reference log-probs, reward scores, KL rewards;
+- `update`: `noptepochs` x `nminibatches` PPO steps on the donated train state;
+- `reward_train`, `reward_sample`: one reward-model step, and the reward stage's sampling of
+  `rewards.rollout_batch_size` responses (for normalisation) from the FSDP-sharded trunk.
+
+Each program's per-device memory comes from the TPU compiler. Train_policy also holds arrays a
+program does not take as arguments (the train state during the rollout, the frozen reference and
+reward models during the update, the last iteration's outputs), so each row adds those
+"resident" bytes; the largest sum must fit in the HBM the compiler allows per device. FLOPs are
+the compiled ones, per device, next to the analytic model FLOPs of `rlhf_jax.flops`.
+
+Exit status 0 if everything fits, 1 if not ("needs X GiB per device, has Y GiB"), 2 on bad
+input (a topology that is not one, a batch the devices do not divide, libtpu missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding
+
+from rlhf_jax import experiment, flops, label_types, models, ppo_trainer, sharding, train_reward
+from rlhf_jax.data import tasks
+
+GIB = flops.GIB
+PPO_PROGRAMS = ("to_rollout", "rollout", "update")
+REWARD_PROGRAMS = ("reward_train", "reward_sample")
+ALL_PROGRAMS = PPO_PROGRAMS + REWARD_PROGRAMS
+
+LIBTPU_MISSING = (
+    "compiling for a TPU topology needs libtpu, which is not installed: run `pip install "
+    "libtpu` (about 480 MB; only this check needs it, it is not a dependency of rlhf_jax)")
+
+# generation -> (number of chip-grid dimensions, extra get_topology_desc arguments).
+# v4 and v5p VMs run in megacore mode (one JAX device per chip), so we compile for that.
+TPU_GENERATIONS: dict[str, tuple[int, dict[str, Any]]] = {
+    "v2": (2, {}),
+    "v3": (2, {}),
+    "v4": (3, {"chip_config_name": "megacore"}),
+    "v5e": (2, {}),
+    "v5p": (3, {"chip_config_name": "megacore"}),
+    "v6e": (2, {}),
+    "tpu7x": (3, {}),
+}
+TOPOLOGY_EXAMPLES = "v3:2x2 (v3-8), v4:2x2x1 (v4-8), v5e:2x4 (v5litepod-8), v6e:2x2"
+
+# The TPU compiler's out-of-memory error, e.g. "... the total memory required for HLO
+# temporaries (17.89G) exceeds available HBM (15.75G)". Its G are GiB.
+_OOM_RE = re.compile(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+class TopologyError(ValueError):
+    """A topology string that does not name a TPU slice."""
+
+
+class DoesNotFitError(RuntimeError):
+    """The run needs more memory per device than the device has."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice: generation and chip grid ("v5e", (2, 4))."""
+
+    generation: str
+    grid: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.generation}:{'x'.join(map(str, self.grid))}"
+
+    @property
+    def num_chips(self) -> int:
+        return math.prod(self.grid)
+
+
+def parse_topology(text: str) -> Topology:
+    """Parses "v5e:2x4" into a Topology.
+
+    Raises:
+        TopologyError: naming what is wrong and giving examples.
+    """
+    gen, sep, grid = text.strip().partition(":")
+    gen = gen.lower()
+    if not sep or not grid:
+        raise TopologyError(f"topology {text!r}: expected GENERATION:GRID, e.g. "
+                            f"{TOPOLOGY_EXAMPLES}")
+    if gen not in TPU_GENERATIONS:
+        raise TopologyError(f"topology {text!r}: unknown TPU generation {gen!r}; known: "
+                            f"{', '.join(TPU_GENERATIONS)}")
+    if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)*", grid):
+        raise TopologyError(f"topology {text!r}: the chip grid {grid!r} must be positive integers "
+                            f"joined by 'x', e.g. {TOPOLOGY_EXAMPLES}")
+    dims = tuple(int(g) for g in grid.split("x"))
+    want = TPU_GENERATIONS[gen][0]
+    if len(dims) != want:
+        raise TopologyError(f"topology {text!r}: a {gen} chip grid has {want} dimensions "
+                            f"(e.g. {'x'.join(['2'] * want)}), got {len(dims)}")
+    return Topology(gen, dims)
+
+
+def require_libtpu() -> None:
+    """Raises RuntimeError telling the user to `pip install libtpu` when it is missing."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError(LIBTPU_MISSING)
+
+
+def topology_devices(topology: Topology) -> list:
+    """libtpu's compile-only devices of a TPU slice (no TPU needed)."""
+    require_libtpu()
+    # libtpu looks for a TPU VM's metadata when it loads and warns at length when there is
+    # none; these values quiet it and do not affect compiling for the requested topology.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compile-only devices never open a TPU, so the lock libtpu takes against a second process
+    # using the chips is not needed; without this, any other JAX process on the machine that
+    # loaded libtpu (it is tried whenever JAX_PLATFORMS is unset) blocks the check.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    kwargs = TPU_GENERATIONS[topology.generation][1]
+    try:
+        desc = topologies.get_topology_desc(topology_name=topology.name, platform="tpu", **kwargs)
+    except jax.errors.JaxRuntimeError as e:
+        raise TopologyError(f"topology {topology.name!r} was rejected by libtpu: {e}") from e
+    return list(desc.devices)
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+    """(needed, available) bytes per device from a TPU compiler out-of-memory error, or None."""
+    m = _OOM_RE.search(message)
+    if not m:
+        return None
+    return int(float(m.group(1)) * GIB), int(float(m.group(2)) * GIB)
+
+
+def usable_hbm_bytes(devices: Sequence) -> int | None:
+    """The HBM per device the TPU compiler allows a program, or None if unknown.
+
+    Asked from the compiler itself: a program that needs far more than any TPU has fails to
+    compile with a message naming the available HBM. Falls back to `flops.DEVICE_SPECS`.
+    """
+    kind = devices[0].device_kind
+    if devices[0].platform == "tpu":
+        mesh = jax.sharding.Mesh(list(devices), ("d",))
+        out = NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+        huge = jax.jit(lambda: jnp.zeros((len(devices), 1 << 40), jnp.uint8), out_shardings=out)
+        try:
+            huge.lower().compile()
+        except jax.errors.JaxRuntimeError as e:
+            parsed = parse_oom(str(e))
+            if parsed:
+                return parsed[1]
+    spec = flops.device_spec(kind)
+    return spec.hbm_bytes if spec else None
+
+
+# -- reports --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ProgramReport:
+    """Per-device memory and FLOPs of one compiled program.
+
+    Attributes:
+        name: program name (see the module docstring).
+        argument_bytes, output_bytes, alias_bytes, temp_bytes: from `memory_analysis()`;
+            alias bytes are outputs that reuse donated arguments.
+        resident_bytes: arrays train_policy holds while this program runs that are not its
+            arguments (see `build_ppo`).
+        flops: compiled FLOPs per device (`cost_analysis()`).
+        compile_seconds: wall time of `.lower().compile()`.
+        oom_bytes: when the compiler refused the program for lack of memory, what it said the
+            program alone needs; the byte counts above are then 0.
+        freeable_bytes: the part of `resident_bytes` train_policy could free before this program
+            (buffers of the previous iteration it still references).
+    """
+
+    name: str
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    resident_bytes: int = 0
+    flops: float = 0.0
+    compile_seconds: float = 0.0
+    oom_bytes: int | None = None
+    freeable_bytes: int = 0
+
+    @property
+    def program_bytes(self) -> int:
+        """Peak of the program alone: arguments, outputs not aliased to them, temporaries."""
+        if self.oom_bytes is not None:
+            return self.oom_bytes
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.program_bytes + self.resident_bytes
+
+
+@dataclasses.dataclass
+class Report:
+    """The whole check: where, what, and whether it fits."""
+
+    topology: str
+    device_kind: str
+    num_devices: int
+    mesh: dict[str, int]
+    hbm_bytes: int | None
+    programs: list[ProgramReport]
+    analytic: dict[str, float]
+    model: str = ""
+    command: str = ""
+
+    @property
+    def peak(self) -> ProgramReport:
+        return max(self.programs, key=lambda p: p.total_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak.total_bytes
+
+    @property
+    def margin_bytes(self) -> int | None:
+        return None if self.hbm_bytes is None else self.hbm_bytes - self.peak_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_bytes is None else self.margin_bytes >= 0
+
+    @property
+    def compiled_ppo_flops(self) -> float:
+        """Compiled FLOPs of one PPO iteration, summed over devices."""
+        return self.num_devices * sum(p.flops for p in self.programs if p.name in PPO_PROGRAMS)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "programs"}
+        out["programs"] = [dict(dataclasses.asdict(p), program_bytes=p.program_bytes,
+                                total_bytes=p.total_bytes) for p in self.programs]
+        out |= {"peak_program": self.peak.name, "peak_bytes": self.peak_bytes,
+                "margin_bytes": self.margin_bytes, "fits": self.fits,
+                "compiled_ppo_flops": self.compiled_ppo_flops}
+        return out
+
+
+def check_fits(needed_bytes: int, available_bytes: int | None, *, where: str = "",
+               device_kind: str = "") -> None:
+    """Raises DoesNotFitError "needs X GiB per device, has Y GiB" when needed > available."""
+    if available_bytes is None or needed_bytes <= available_bytes:
+        return
+    on = f" of {device_kind}" if device_kind else ""
+    raise DoesNotFitError(
+        f"does not fit: {where + ' ' if where else ''}needs {needed_bytes / GIB:.2f} GiB per "
+        f"device, has {available_bytes / GIB:.2f} GiB{on} (over by "
+        f"{(needed_bytes - available_bytes) / GIB:.2f} GiB). Options: more devices, "
+        "--config.ppo.nminibatches=<larger>, --config.model.remat=True, "
+        "--config.model.dtype=bfloat16")
+
+
+def check_report(report: Report) -> None:
+    """Raises DoesNotFitError for a report whose peak does not fit."""
+    peak = report.peak
+    check_fits(peak.total_bytes, report.hbm_bytes, device_kind=report.device_kind,
+               where=f"{report.model or 'the run'} on {report.topology} ({peak.name})")
+
+
+def format_report(report: Report) -> str:
+    """The human-readable table printed by the CLI."""
+    g = lambda b: f"{b / GIB:7.2f}"  # noqa: E731
+    head = (f"{'program':<14}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'program':>9}"
+            f"{'+resid.':>9}{'=total':>9}{'TFLOP/dev':>11}{'compile':>9}")
+    lines = [
+        f"{report.model or 'config'} on {report.topology}: {report.num_devices} x "
+        f"{report.device_kind}, mesh {report.mesh}",
+        "per device, GiB:", head]
+    for p in report.programs:
+        if p.oom_bytes is not None:
+            cells = f"{'':>8}{'':>8}{'':>8}{'':>8} {g(p.program_bytes)}*"
+        else:
+            cells = (f" {g(p.argument_bytes)} {g(p.output_bytes)} {g(p.alias_bytes)}"
+                     f" {g(p.temp_bytes)}  {g(p.program_bytes)}")
+        lines.append(f"{p.name:<14}{cells}  {g(p.resident_bytes)}  {g(p.total_bytes)}"
+                     f"{p.flops / 1e12:11.2f}{p.compile_seconds:8.0f}s")
+    if any(p.oom_bytes is not None for p in report.programs):
+        lines.append("* refused by the compiler: the program alone needs this much")
+    hbm = "unknown" if report.hbm_bytes is None else f"{report.hbm_bytes / GIB:.2f} GiB"
+    lines.append(f"peak {report.peak_bytes / GIB:.2f} GiB per device ({report.peak.name}) of "
+                 f"{hbm} usable")
+    freed = max(p.total_bytes - p.freeable_bytes for p in report.programs)
+    if freed < report.peak_bytes:
+        lines.append(f"  ({freed / GIB:.2f} GiB if train_policy dropped the previous "
+                     "iteration's rollout copy and outputs before reusing them)")
+    if report.fits is None:
+        lines.append("fits: unknown (no HBM size for this device; pass --hbm_gib)")
+    else:
+        lines.append(f"fits: {'yes' if report.fits else 'NO'} (margin "
+                     f"{report.margin_bytes / GIB:+.2f} GiB)")
+    a = report.analytic
+    if a:
+        lines.append(f"FLOPs per PPO iteration: compiled {report.compiled_ppo_flops:.3e} (all "
+                     f"devices), analytic model FLOPs {a['total']:.3e} (sample {a['sample']:.2e}, "
+                     f"reference {a['reference']:.2e}, reward {a['reward']:.2e}, update "
+                     f"{a['update']:.2e})")
+    return "\n".join(lines)
+
+
+# -- building the programs -------------------------------------------------------------------
+
+def device_bytes(tree) -> int:
+    """Bytes per device of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            itemsize = 8  # a threefry key is two uint32 words
+        else:
+            itemsize = jnp.dtype(leaf.dtype).itemsize
+        total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * itemsize
+    return total
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _strip_formats(tree):
+    """Compiled outputs as plain inputs for the next program (same shapes and shardings)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        tree)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A program to compile: its jitted function, abstract arguments and resident bytes."""
+
+    name: str
+    fn: Any
+    args: tuple
+    resident: int
+    freeable: int = 0
+
+
+def _key(mesh) -> jax.ShapeDtypeStruct:
+    k = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=sharding.replicated(mesh))
+
+
+def build_ppo(config: ml_collections.ConfigDict, mesh, rules, spec: tasks.TaskSpec):
+    """Yields the PPO programs as train_policy builds and holds them.
+
+    A generator, because `update` takes the rollout's compiled outputs: send the compiled
+    rollout back (`gen.send(compiled)`) to get the next program.
+
+    Resident bytes, as `train_policy.train_policy` holds its arrays: the train state (params,
+    Adam slots), the frozen reference and reward params live throughout; the replicated rollout
+    copy of the policy and the rollout's outputs stay referenced until the next iteration
+    reassigns them (those are the "freeable" bytes).
+    """
+    p = config.ppo
+    ppo_trainer.check_ppo_config(p, mesh)
+    settings = ppo_trainer.PPOSettings.from_config(p)
+    gpt_cfg = experiment.gpt2_config(config)
+    # The reward model (and a separate value network) are trained from the same initial model.
+    rm_cfg = gpt_cfg
+    num_updates = math.ceil(p.total_episodes / p.batch_size)
+    tx = ppo_trainer.make_optimizer(p, num_updates)
+    heads = () if settings.separate_value else ("value",)
+    policy_sharding = sharding.param_shardings(gpt_cfg, heads, mesh, rules)
+    value_sharding = (sharding.param_shardings(rm_cfg, ("value",), mesh, rules)
+                      if settings.separate_value else None)
+    trainable_sharding = {"policy": policy_sharding}
+    if settings.separate_value:
+        trainable_sharding["value"] = value_sharding
+    ref_sharding = {"transformer": policy_sharding["transformer"]}
+    rm_sharding = sharding.param_shardings(rm_cfg, ("reward",), mesh, rules)
+    key0 = jax.random.key(0)
+    abstract_trainable = jax.eval_shape(lambda: {
+        "policy": models.init_params(gpt_cfg, key0, heads),
+        **({"value": models.init_params(rm_cfg, key0, ("value",))}
+           if settings.separate_value else {})})
+    sharding.assert_sufficiently_sharded(trainable_sharding, abstract_trainable)
+    opt_sharding = sharding.opt_state_shardings(tx, abstract_trainable, trainable_sharding, mesh)
+    repl = sharding.replicated(mesh)
+    state_sharding = {"params": trainable_sharding, "opt_state": opt_sharding, "step": repl,
+                      "kl_coef": repl}
+    rollout_sharding = jax.tree.map(lambda _: repl, policy_sharding)
+    to_rollout = jax.jit(lambda params: params, in_shardings=(policy_sharding,),
+                         out_shardings=rollout_sharding)
+    fns = ppo_trainer.PPOFunctions(
+        gpt_cfg, rm_cfg, spec, settings, tx, mesh, state_sharding, policy_sharding,
+        ref_sharding, rm_sharding, value_sharding, rollout_sharding)
+
+    state = _abstract({"params": abstract_trainable,
+                       "opt_state": jax.eval_shape(tx.init, abstract_trainable),
+                       "step": jax.ShapeDtypeStruct((), jnp.int32),
+                       "kl_coef": jax.ShapeDtypeStruct((), jnp.float32)}, state_sharding)
+    ref = _abstract({"transformer": abstract_trainable["policy"]["transformer"]}, ref_sharding)
+    rm = _abstract(jax.eval_shape(lambda: models.init_params(rm_cfg, key0, ("reward",))),
+                   rm_sharding)
+    policy = state["params"]["policy"]
+    value = state["params"].get("value")
+    rollout_policy = _abstract(abstract_trainable["policy"], rollout_sharding)
+    queries = jax.ShapeDtypeStruct((p.batch_size, spec.query_length), jnp.int32,
+                                   sharding=sharding.batch_sharding(mesh))
+    kl_coef = jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)
+
+    state_b, ref_b, rm_b = device_bytes(state), device_bytes(ref), device_bytes(rm)
+    copy_b = device_bytes(rollout_policy)
+    value_b = device_bytes(value) if value is not None else 0
+    # Until the rollout has compiled, its outputs' size is unknown; `send` returns it.
+    prev_out_b = 0
+    compiled = yield _Pending("to_rollout", to_rollout, (policy,),
+                              state_b - device_bytes(policy) + ref_b + rm_b + copy_b,
+                              freeable=copy_b)
+    compiled = yield _Pending(
+        "rollout", fns.rollout, (rollout_policy, value, ref, rm, queries, kl_coef, _key(mesh)),
+        state_b - value_b)
+    if compiled is not None:
+        out = _strip_formats(compiled.out_info)
+        data = out[0]
+        prev_out_b = device_bytes(out)
+        other_out_b = prev_out_b - device_bytes(data)
+    else:  # the rollout did not compile; shapes for the update from tracing instead
+        with sharding.mesh_context(mesh, rules):
+            shapes = jax.eval_shape(fns.rollout, rollout_policy, value, ref, rm, queries,
+                                    kl_coef, _key(mesh))[0]
+        data = _abstract(shapes, jax.tree.map(lambda _: sharding.batch_sharding(mesh), shapes))
+        other_out_b = 0
+    yield _Pending("update", fns.update, (state, data, _key(mesh)),
+                   ref_b + rm_b + copy_b + other_out_b, freeable=copy_b)
+    # The previous iteration's outputs are alive while the next to_rollout and rollout run.
+    yield ("prev_outputs", prev_out_b)
+
+
+def _reward_setup(config, mesh, rules, spec, gpt_cfg):
+    """What `train_reward.RewardTrainer` reads from a RewardSetup, without any label file."""
+    r = config.rewards
+    for name, value in (("rewards.batch_size", r.batch_size),
+                        ("rewards.rollout_batch_size", r.rollout_batch_size)):
+        sharding.check_batch_divisible(name, value, mesh)
+    return _NoLabelSetup(config=config, label_type=label_types.get_label_type(config.labels.type),
+                         mesh=mesh, rules=rules, gpt_cfg=gpt_cfg, spec=spec,
+                         num_steps=max(config.labels.num_train // r.batch_size, 1))
+
+
+@dataclasses.dataclass
+class _NoLabelSetup:
+    config: Any
+    label_type: Any
+    mesh: Any
+    rules: Any
+    gpt_cfg: Any
+    spec: Any
+    num_steps: int
+
+
+def build_reward(config: ml_collections.ConfigDict, mesh, rules,
+                 spec: tasks.TaskSpec) -> list[_Pending]:
+    """The reward stage's train step and normalisation sampler, as train_reward builds them."""
+    gpt_cfg = experiment.gpt2_config(config)
+    setup = _reward_setup(config, mesh, rules, spec, gpt_cfg)
+    trainer = train_reward.RewardTrainer(setup)
+    r = config.rewards
+    state = _abstract(trainer.abstract_state(), trainer.state_sharding)
+    ref = _abstract({"transformer": state["params"]["transformer"]}, trainer.trunk_sharding)
+    batch_sh = sharding.batch_sharding(mesh)
+    lt = setup.label_type
+    batch = {
+        "query": jax.ShapeDtypeStruct((r.batch_size, spec.query_length), jnp.int32,
+                                      sharding=batch_sh),
+        "samples": jax.ShapeDtypeStruct((r.batch_size, lt.num_samples, spec.response_length),
+                                        jnp.int32, sharding=batch_sh),
+        "label": jax.ShapeDtypeStruct((r.batch_size,), lt.label_dtype, sharding=batch_sh),
+    }
+    context = jax.ShapeDtypeStruct((r.rollout_batch_size, spec.context_length), jnp.int32,
+                                   sharding=batch_sh)
+    return [
+        # train_reward holds the initial trunk (for normalisation) next to the train state.
+        _Pending("reward_train", trainer.train_step, (state, batch), device_bytes(ref)),
+        _Pending("reward_sample", trainer.sample_fn, (ref, context, _key(mesh)),
+                 device_bytes(state)),
+    ]
+
+
+def _compile(pending: _Pending, mesh, rules) -> tuple[ProgramReport, Any]:
+    t0 = time.time()
+    report = ProgramReport(pending.name, resident_bytes=pending.resident,
+                           freeable_bytes=pending.freeable)
+    try:
+        with sharding.mesh_context(mesh, rules):
+            compiled = pending.fn.lower(*pending.args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        parsed = parse_oom(str(e))
+        if parsed is None:
+            raise
+        report.oom_bytes = parsed[0]
+        report.compile_seconds = time.time() - t0
+        return report, None
+    report.compile_seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    report.argument_bytes = int(mem.argument_size_in_bytes)
+    report.output_bytes = int(mem.output_size_in_bytes)
+    report.alias_bytes = int(mem.alias_size_in_bytes)
+    report.temp_bytes = int(mem.temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per partition
+        cost = cost[0] if cost else {}
+    report.flops = float((cost or {}).get("flops", 0.0))
+    return report, compiled
+
+
+def analytic_flops(config: ml_collections.ConfigDict, spec: tasks.TaskSpec) -> dict[str, float]:
+    """`flops.ppo_iteration_flops` for a config."""
+    p = config.ppo
+    return flops.ppo_iteration_flops(
+        experiment.gpt2_config(config), p.batch_size, spec.query_length, spec.response_length,
+        p.noptepochs, context_len=spec.context_length,
+        separate_value=p.value_model == "separate")
+
+
+def run_check(config: ml_collections.ConfigDict, topology: str,
+              programs: Sequence[str] = ALL_PROGRAMS, hbm_bytes: int | None = None,
+              log=print) -> Report:
+    """Compiles the programs of `config` for `topology` and measures them.
+
+    Args:
+        config: a run config (as `configs/*.py:get_config` returns).
+        topology: a TPU topology ("v5e:2x4"), or "cpu" for this machine's CPU devices (no
+            libtpu needed; the memory limit is then only what `hbm_bytes` says).
+        programs: which of ALL_PROGRAMS to compile.
+        hbm_bytes: overrides the per-device memory limit (e.g. to keep headroom).
+        log: called with a line of progress per compiled program.
+
+    Returns:
+        The Report (call `check_report` to raise when it does not fit).
+
+    Raises:
+        TopologyError: a topology string that is not one.
+        RuntimeError: libtpu is missing.
+        ValueError: a batch size the mesh does not divide, or another bad config field.
+    """
+    unknown = set(programs) - set(ALL_PROGRAMS)
+    if unknown:
+        raise ValueError(f"unknown programs {sorted(unknown)}; known: {', '.join(ALL_PROGRAMS)}")
+    if topology == "cpu":
+        devices = jax.devices("cpu")
+    else:
+        devices = topology_devices(parse_topology(topology))
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    gpt_cfg = experiment.gpt2_config(config)
+    spec = experiment.task_spec(config, experiment.tokenizer(config), gpt_cfg)
+    if hbm_bytes is None:
+        hbm_bytes = usable_hbm_bytes(devices)
+
+    reports: list[ProgramReport] = []
+
+    def compile_one(pending):
+        log(f"compiling {pending.name} ...")
+        rep, compiled = _compile(pending, mesh, rules)
+        log(f"  {pending.name}: {rep.total_bytes / GIB:.2f} GiB per device "
+            f"({rep.compile_seconds:.0f}s)")
+        if pending.name in programs:
+            reports.append(rep)
+        return compiled
+
+    # Validate the reward stage's batch sizes too, before minutes of compiling.
+    reward_programs = build_reward(config, mesh, rules, spec) if "rewards" in config else []
+    ppo_gen = build_ppo(config, mesh, rules, spec)
+    compiled = None
+    pending = next(ppo_gen)
+    while not isinstance(pending, tuple):
+        # The update's inputs come from the compiled rollout, so compile it even if not asked.
+        if pending.name in programs or (pending.name == "rollout" and "update" in programs):
+            compiled = compile_one(pending)
+        else:
+            compiled = None
+        pending = ppo_gen.send(compiled)
+    prev_out_b = pending[1]
+    for rep in reports:
+        if rep.name in ("to_rollout", "rollout"):
+            rep.resident_bytes += prev_out_b
+            rep.freeable_bytes += prev_out_b
+    for pending in reward_programs:
+        if pending.name in programs:
+            compile_one(pending)
+    return Report(
+        topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
+        mesh=dict(mesh.shape), hbm_bytes=hbm_bytes, programs=reports,
+        analytic=analytic_flops(config, spec), model=config.model.preset)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    # Only libtpu's compile-only devices and the CPU are needed: never claim a real TPU (on a
+    # TPU VM that would contend with a training run).
+    jax.config.update("jax_platforms", "cpu")
+    f = flags.FLAGS
+    programs = [p.strip() for p in f.programs.split(",") if p.strip()]
+    hbm = None if f.hbm_gib is None else int(f.hbm_gib * GIB)
+    try:
+        report = run_check(f.config, f.topology, programs, hbm,
+                           log=lambda s: print(s, file=sys.stderr, flush=True))
+    except (TopologyError, ValueError, RuntimeError) as e:
+        print(f"aot_check: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    report.command = " ".join(["python -m rlhf_jax.aot_check"] + sys.argv[1:])
+    print(format_report(report))
+    if f.json:
+        with open(f.json, "w") as fh:
+            json.dump(report.to_dict(), fh, indent=2)
+    try:
+        check_report(report)
+    except DoesNotFitError as e:
+        print(f"aot_check: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", None, f"TPU topology, e.g. {TOPOLOGY_EXAMPLES}; or 'cpu'.")
+    flags.DEFINE_string("programs", ",".join(ALL_PROGRAMS), "Comma-separated programs.")
+    flags.DEFINE_float("hbm_gib", None, "Per-device memory limit in GiB (default: the compiler's).")
+    flags.DEFINE_string("json", None, "Also write the report as JSON here.")
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(main)

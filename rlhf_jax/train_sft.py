@@ -1,0 +1,548 @@
+r"""Supervised fine-tuning (SFT) of the initial model with next-token cross-entropy.
+
+  python -m rlhf_jax.train_sft --config configs/tldr.py --workdir runs/tldr_sft \
+      [--config.sft.steps=2000] [--config.sft.mode=lm]
+
+Modes (`config.sft.mode`):
+- "lm": a text corpus (`sft.dataset`, default the task's query dataset), each text tokenised and
+  followed by EOT (50256), all joined and cut into windows of `sft.seq_len` tokens; the loss is
+  on every token. This is the paper's BookCorpus-fine-tuned initial model of the style tasks
+  (spec §2.4), which the public code skipped.
+- "summarize": (article, reference) pairs, each laid out exactly as the policy sees it: prefix ‖
+  right-padded, truncated query ‖ suffix (`tasks.format_context`), then " " + the reference on
+  one line + "\n", padded or truncated to `task.response_length`. The loss is only on the summary
+  tokens: the paper's "supervised" baselines (spec §8).
+
+Dataset names: anything `sources.load_texts` reads ("builtin", a text/JSONL path), plus the
+summarization sources "tfds:<cnn_dailymail|reddit>", "jsonl:<path>" (fields article, summary)
+and "builtin:lead" (the builtin passages, one sentence per paragraph, the first sentence as the
+reference: a self-contained, offline stand-in for CNN/DM or TL;DR).
+
+Data order is a pure function of (config.seed, step), so a resumed run sees the same batches.
+The workdir gets `config.json`, `metrics.jsonl` (+ `plot.png`), `samples.jsonl` (samples of the
+task before and after training), orbax checkpoints (`checkpoints/`) and the final model as an HF
+GPT-2 directory, `hf_model/`, usable as `--config.model.checkpoint={workdir}/hf_model` for
+label, train_reward and train_policy (initial policy and reference of a PPO run).
+
+Resume order: (1) the latest checkpoint in the workdir; (2) the initial model of `config.model`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from rlhf_jax import checkpointing, experiment, labelers, metrics as metrics_lib, models, optim
+from rlhf_jax import runtime, sampling, sharding
+from rlhf_jax.data import sources, summarization, tasks
+from rlhf_jax.models import hf_import
+from rlhf_jax.tokenizer import EOT_ID
+
+logger = logging.getLogger(__name__)
+
+HF_MODEL_DIR = "hf_model"
+EXIT_STOPPED = 3
+MODES = ("lm", "summarize")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+# tfds names for the splits the pipeline asks for. Reddit (TL;DR) has only "train": hold out its
+# last 5% as the original held out its own "valid" subset. Other split strings pass through.
+TFDS_SPLITS = {
+    "reddit": {"train": "train[:95%]", "test": "train[95%:]", "valid": "train[95%:]"},
+    "cnn_dailymail": {"valid": "validation"},
+}
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\u201d]?\s+")
+
+
+# --- Sources ----------------------------------------------------------------------------------
+
+
+def is_summarization_source(name: str) -> bool:
+    """Whether `name` gives (article, reference) pairs (see the module docstring)."""
+    return name.startswith(("tfds:", "jsonl:")) or name == "builtin:lead"
+
+
+def summarization_pairs(name: str, split: str = "train", data_dir: str = ""):
+    """(article, reference) pairs of a summarization source, cleaned as the original did.
+
+    Args:
+        name: "tfds:<cnn_dailymail|reddit|cnndm|tldr>", "jsonl:<path>" ("{split}" in the path is
+            replaced) or "builtin:lead".
+        split: "train", "test", "valid" or a tfds split string.
+        data_dir: tfds data_dir of the prepared array_record dataset ("" = tfds's default).
+
+    Returns:
+        A random-access sequence of pairs; tfds sources are read lazily and raise
+        `summarization.RecordError` for an empty record.
+    """
+    if name.startswith("tfds:"):
+        ds = summarization.TFDS_NAMES.get(name[5:], name[5:])
+        split = TFDS_SPLITS.get(ds, {}).get(split, split)
+        return summarization.tfds_source(ds, split, data_dir or None)
+    if name.startswith("jsonl:"):
+        return summarization.jsonl_source(name[6:].replace("{split}", split))
+    if name == "builtin:lead":
+        pairs = []
+        for text in sources.load_texts("builtin", split):
+            sents = [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+            pairs.append(("\n\n".join(sents), sents[0]))
+        return pairs
+    raise ValueError(f"{name!r} is not a summarization source (tfds:..., jsonl:..., builtin:lead)")
+
+
+def summarization_texts(name: str, split: str = "train", data_dir: str = "",
+                        max_texts: int = 0) -> list[str]:
+    """The articles of a summarization source, for a task's query stream.
+
+    Args:
+        name, split, data_dir: as `summarization_pairs`.
+        max_texts: keep the first this many usable articles (0 = all; tfds reddit has 3.8M).
+
+    Returns:
+        The cleaned articles, skipping empty records.
+    """
+    out = []
+    for article, _ in summarization_pairs(name, split, data_dir):
+        out.append(article)
+        if max_texts and len(out) >= max_texts:
+            break
+    return out
+
+
+def corpus_texts(name: str, split: str = "train", data_dir: str = "") -> list[str]:
+    """Texts of any dataset name: the articles of a summarization source, else `load_texts`."""
+    if is_summarization_source(name):
+        return summarization_texts(name, split, data_dir)
+    return sources.load_texts(name, split)
+
+
+# --- Examples ---------------------------------------------------------------------------------
+
+
+def summary_example(article: str, reference: str, tok, spec: tasks.TaskSpec):
+    """One supervised summary example laid out as a policy context plus response.
+
+    Args:
+        article: the article text.
+        reference: its reference summary; newlines become spaces, because the task ends a
+            response at a newline (truncate_token 198).
+        tok: tokenizer.
+        spec: the task settings.
+
+    Returns:
+        (tokens int32[context_length + response_length], mask bool[same]) where mask marks the
+        summary tokens (the loss targets), or None when the article yields no query (as the
+        query stream skips it) or the reference is empty.
+    """
+    query = tasks.make_query(tok.encode(article), spec)
+    reference = " ".join(reference.split())
+    if query is None or not reference:
+        return None
+    context = tasks.format_context(query[None], spec)[0]
+    # A leading space: after "TL;DR:" GPT-2 continues with " word", not "word".
+    target = tok.encode(" " + reference + "\n")[: spec.response_length]
+    response = np.full(spec.response_length, spec.pad_id, np.int32)
+    response[: len(target)] = target
+    mask = np.zeros(spec.context_length + spec.response_length, bool)
+    mask[spec.context_length : spec.context_length + len(target)] = True
+    return np.concatenate([context, response]).astype(np.int32), mask
+
+
+class SFTData:
+    """Fixed-length examples and the batch of any step, a pure function of (seed, step).
+
+    Pass `e` over the examples is a permutation drawn with `np.random.default_rng((seed, e))`;
+    the global batch of step `s` is rows [s*B, (s+1)*B) of that stream. An example that turns
+    out unusable (lazy tfds records) is replaced by the next usable one in the same pass.
+
+    Attributes:
+        seq_len: tokens per example.
+        target_start: first position whose token can be a target (1 for "lm", the context
+            length for "summarize"); the loss reads logits only from there on.
+    """
+
+    def __init__(self, num: int, example_fn, seq_len: int, target_start: int, seed: int):
+        if num == 0:
+            raise ValueError("SFT dataset is empty")
+        self.num, self.seq_len, self.target_start, self.seed = num, seq_len, target_start, seed
+        self.example = functools.lru_cache(maxsize=8192)(example_fn)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:  # a batch spans at most two passes
+                self._perms.clear()
+            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.num)
+        return self._perms[epoch]
+
+    @classmethod
+    def lm(cls, texts, tok, seq_len: int, seed: int) -> SFTData:
+        """Texts joined with EOT and cut into windows of `seq_len` (the tail is dropped)."""
+        stream = np.fromiter((t for text in texts for t in tok.encode(text) + [EOT_ID]), np.int32)
+        windows = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
+        if not len(windows):
+            raise ValueError(f"SFT corpus has {len(stream)} tokens, fewer than seq_len={seq_len}")
+        mask = np.ones(seq_len, bool)
+        logger.info("SFT lm data: %d tokens, %d windows of %d", len(stream), len(windows), seq_len)
+        return cls(len(windows), lambda i: (windows[i], mask), seq_len, 1, seed)
+
+    @classmethod
+    def summarize(cls, pairs, tok, spec: tasks.TaskSpec, seed: int) -> SFTData:
+        def example_fn(i):
+            try:
+                return summary_example(*pairs[i], tok, spec)
+            except summarization.RecordError as err:
+                logger.warning("skipping: %s", err)
+                return None
+
+        return cls(len(pairs), example_fn, spec.context_length + spec.response_length,
+                   spec.context_length, seed)
+
+    def row(self, r: int):
+        """(tokens, mask) of stream row `r`."""
+        epoch, offset = divmod(r, self.num)
+        perm = self._perm(epoch)
+        for k in range(self.num):
+            ex = self.example(int(perm[(offset + k) % self.num]))
+            if ex is not None:
+                return ex
+        raise ValueError("no usable SFT example (every article was skipped; check query "
+                         "settings such as end_text and query_length, and the references)")
+
+    def get_batch(self, step: int, batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> dict[str, np.ndarray]:
+        """This process's contiguous slice of the global batch of `step`."""
+        local = batch_size // process_count
+        start = step * batch_size + process_index * local
+        rows = [self.row(r) for r in range(start, start + local)]
+        return {"tokens": np.stack([t for t, _ in rows]), "mask": np.stack([m for _, m in rows])}
+
+
+def sft_loss(params, batch, *, config: models.GPT2Config, target_start: int):
+    """Mean next-token cross-entropy over the masked target tokens.
+
+    Args:
+        params: `{"transformer": ...}`.
+        batch: "tokens" int32[B, T], "mask" bool[B, T] (True where a token is a target).
+        config: static model config.
+        target_start: targets are tokens [target_start, T), predicted from [target_start-1, T-1).
+
+    Returns:
+        (loss, stats with "loss", "accuracy" (top-1) and "target_tokens").
+    """
+    tokens = batch["tokens"]
+    hidden, _, _ = models.forward(params, tokens, config)
+    logits = models.logits_from_hidden(params, hidden[:, target_start - 1 : -1], config)
+    mask = batch["mask"][:, target_start:]
+    targets = jnp.where(mask, tokens[:, target_start:], 0)  # pad ids are outside the vocab
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    weight = mask.astype(jnp.float32)
+    count = jnp.maximum(weight.sum(), 1.0)
+    loss = (nll * weight).sum() / count
+    accuracy = ((jnp.argmax(logits, -1) == targets) * weight).sum() / count
+    return loss, {"loss": loss, "accuracy": accuracy, "target_tokens": weight.sum()}
+
+
+# --- Setup ------------------------------------------------------------------------------------
+
+
+class SFTSetup:
+    """Everything an SFT run needs, validated (and the first batch built) before any compute."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        s = config.sft
+        if s.mode not in MODES:
+            raise ValueError(f"sft.mode={s.mode!r}; expected one of {MODES}")
+        if s.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"sft.lr_schedule={s.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        if s.steps < 1 or s.log_every < 1:
+            raise ValueError(f"sft.steps={s.steps} and sft.log_every={s.log_every} must be >= 1")
+        self.config = config
+        self.mesh, self.rules = experiment.mesh_and_rules(config)
+        sharding.check_batch_divisible("sft.batch_size", s.batch_size, self.mesh)
+        self.gpt_cfg = experiment.gpt2_config(config)
+        self.tok = experiment.tokenizer(config)
+        self.spec = experiment.task_spec(config, self.tok, self.gpt_cfg)
+        if s.dataset:
+            self.dataset, data_dir = s.dataset, s.data_dir
+        else:
+            self.dataset, data_dir = config.task.query_dataset, config.task.get("query_data_dir", "")
+        if s.mode == "summarize" and not is_summarization_source(self.dataset):
+            raise ValueError(f"sft.mode='summarize' needs (article, reference) pairs, but dataset "
+                             f"{self.dataset!r} has no references; use tfds:..., jsonl:... or "
+                             "builtin:lead")
+        if s.mode == "lm" and not 2 <= s.seq_len <= self.gpt_cfg.n_positions:
+            raise ValueError(f"sft.seq_len={s.seq_len} must be in [2, n_positions="
+                             f"{self.gpt_cfg.n_positions}]")
+        self.data = self._load(s.split, data_dir)
+        self.data.get_batch(0, s.batch_size)  # fails now, naming the problem, if unusable
+        self.eval_data = self._load(s.eval_split, data_dir) if s.eval_batches else None
+        self.prompts = self._prompts(s.eval_split or s.split, data_dir, config.samples_per_log)
+
+    def _load(self, split: str, data_dir: str) -> SFTData:
+        s, seed = self.config.sft, self.config.seed
+        if s.mode == "lm":
+            return SFTData.lm(corpus_texts(self.dataset, split, data_dir), self.tok, s.seq_len, seed)
+        pairs = summarization_pairs(self.dataset, split, data_dir)
+        return SFTData.summarize(pairs, self.tok, self.spec, seed)
+
+    def _prompts(self, split: str, data_dir: str, n: int):
+        """Up to `n` task queries (and references) to sample from before and after training."""
+        queries, refs = [], []
+        if is_summarization_source(self.dataset):
+            items = summarization_pairs(self.dataset, split, data_dir)
+        else:
+            items = [(text, None) for text in corpus_texts(self.dataset, split, data_dir)]
+        for i in range(min(len(items), 50 * n)):
+            try:
+                article, ref = items[i]
+            except summarization.RecordError:
+                continue
+            query = tasks.make_query(self.tok.encode(article), self.spec)
+            if query is not None:
+                queries.append(query)
+                refs.append(ref)
+            if len(queries) == n:
+                break
+        if not queries:
+            logger.warning("no text of %s[%s] makes a task query: no samples", self.dataset, split)
+        return queries, refs
+
+
+# --- Training ---------------------------------------------------------------------------------
+
+
+class SFTTrainer:
+    """The jitted SFT step, evaluation and sampling over one mesh (FSDP params)."""
+
+    def __init__(self, setup: SFTSetup):
+        self.s = setup
+        cfg, gpt_cfg, mesh, s = setup.config, setup.gpt_cfg, setup.mesh, setup.config.sft
+        if s.lr_schedule == "constant":
+            self.schedule = lambda step: jnp.float32(s.lr)  # noqa: E731
+        else:
+            self.schedule = optim.reward_lr_schedule(s.lr, s.steps, kind=s.lr_schedule)
+        if s.warmup_steps:
+            decay = self.schedule
+            self.schedule = lambda step: decay(step) * jnp.minimum(  # noqa: E731
+                (jnp.asarray(step, jnp.float32) + 1) / s.warmup_steps, 1.0)
+        self.tx = optim.make_optimizer(self.schedule, adam_style=s.adam_style, eps=s.adam_eps)
+        self.param_sharding = sharding.param_shardings(gpt_cfg, (), mesh, setup.rules)
+        abstract = jax.eval_shape(lambda: models.init_params(gpt_cfg, jax.random.key(0)))
+        sharding.assert_sufficiently_sharded(self.param_sharding, abstract)
+        self.abstract_params = abstract
+        opt_sharding = sharding.opt_state_shardings(self.tx, abstract, self.param_sharding, mesh)
+        self.state_sharding = {"params": self.param_sharding, "opt_state": opt_sharding,
+                               "step": sharding.replicated(mesh)}
+        loss_fn = functools.partial(sft_loss, config=gpt_cfg, target_start=setup.data.target_start)
+        self._loss = loss_fn
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, None),
+                                  out_shardings=(self.state_sharding, None), donate_argnums=(0,))
+        self.eval_step = jax.jit(lambda params, batch: loss_fn(params, batch)[1],
+                                 in_shardings=(self.param_sharding, None))
+        self.sample_fn = sampling.make_sampler(
+            gpt_cfg, response_length=setup.spec.response_length,
+            temperature=setup.spec.temperature, params_sharding=self.param_sharding,
+            batch_sharding=sharding.batch_sharding(mesh))
+        del cfg
+
+    def _train_step(self, state, batch):
+        (_, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        stats["lr"] = self.schedule(state["step"])
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+
+    def abstract_state(self):
+        return {"params": self.abstract_params,
+                "opt_state": jax.eval_shape(self.tx.init, self.abstract_params),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+
+    def init_state(self, params):
+        params = jax.device_put(params, self.param_sharding)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.s.mesh))
+        return {"params": params, "opt_state": opt_state, "step": step}
+
+    def global_batch(self, data: SFTData, step: int):
+        local = data.get_batch(step, self.s.config.sft.batch_size, jax.process_index(),
+                               jax.process_count())
+        return {k: sharding.host_batch_to_global(v, self.s.mesh) for k, v in local.items()}
+
+    def evaluate(self, params) -> dict[str, float]:
+        """Token-weighted loss and accuracy on `sft.eval_batches` batches of the eval split."""
+        if self.s.eval_data is None:
+            return {}
+        sums = {"loss": 0.0, "accuracy": 0.0, "target_tokens": 0.0}
+        for i in range(self.s.config.sft.eval_batches):
+            stats = jax.device_get(self.eval_step(params, self.global_batch(self.s.eval_data, i)))
+            for k in ("loss", "accuracy"):
+                sums[k] += float(stats[k]) * float(stats["target_tokens"])
+            sums["target_tokens"] += float(stats["target_tokens"])
+        n = max(sums["target_tokens"], 1.0)
+        return {"valid/loss": sums["loss"] / n, "valid/accuracy": sums["accuracy"] / n,
+                "valid/target_tokens": sums["target_tokens"]}
+
+    def samples(self, params, step: int) -> list[dict]:
+        """Task-formatted samples of the current model, truncated as in training (spec §2.3)."""
+        queries, refs = self.s.prompts
+        if not queries:
+            return []
+        spec, n = self.s.spec, len(queries)
+        devices = sharding.batch_size_per_device(self.s.mesh)
+        rows = np.stack([queries[i % n] for i in range(-(-n // devices) * devices)])
+        context = sharding.host_batch_to_global(tasks.format_context(rows, spec), self.s.mesh)
+        rng = jax.random.fold_in(jax.random.key(self.s.config.seed), step)
+        resp = multihost_utils.process_allgather(self.sample_fn(params, context, rng)["responses"],
+                                                 tiled=True)
+        resp = tasks.postprocess_responses(np.asarray(resp)[:n], spec)
+        q_text = labelers.decode_tokens(self.s.tok, np.stack(queries), spec.pad_id)
+        r_text = labelers.decode_tokens(self.s.tok, resp, spec.pad_id)
+        return [{"query": q, "response": r} | ({"reference": ref} if ref is not None else {})
+                for q, r, ref in zip(q_text, r_text, refs)]
+
+
+def export_hf_model(params, gpt_cfg: models.GPT2Config, tok, workdir: str) -> str:
+    """Writes `{workdir}/hf_model` (HF GPT-2 + tokenizer files); replaces a stale one."""
+    path = os.path.join(workdir, HF_MODEL_DIR)
+    host = multihost_utils.process_allgather(params, tiled=True)  # every process takes part
+    if runtime.is_primary():
+        if os.path.exists(path):  # left by a crash after the export, before the final checkpoint
+            shutil.rmtree(path)
+        hf_import.save_hf_checkpoint(host, gpt_cfg, path)
+        tok.save_pretrained(path)  # a complete directory for transformers users
+    return path
+
+
+def _run_meta(setup: SFTSetup) -> dict:
+    s = setup.config.sft
+    return {"mode": s.mode, "dataset": setup.dataset, "seq_len": setup.data.seq_len,
+            "batch_size": s.batch_size, "steps": s.steps, "seed": setup.config.seed,
+            "model": setup.config.model.preset}
+
+
+def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Fine-tunes `config.model` as `config.sft` says; returns the final metrics.
+
+    Writes `{workdir}/hf_model` at the end (see the module docstring); the same call on the
+    same workdir resumes, and returns at once when the run is already done.
+    """
+    setup = SFTSetup(config)  # every input is validated before any compute
+    experiment.ensure_workdir(workdir)
+    trainer = SFTTrainer(setup)
+    s = config.sft
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      save_every=config.ckpt_every, keep=config.ckpt_keep)
+    run_meta = _run_meta(setup)
+    latest = ckpt.latest_step()
+    # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
+                                      resume_step=-1 if latest is None else latest)
+    writer.write_json("config.json", config.to_dict())
+    with sharding.mesh_context(setup.mesh, setup.rules):
+        if latest is not None:  # (1) resume from the workdir
+            abstract = checkpointing.abstract_state(trainer.abstract_state(),
+                                                    trainer.state_sharding)
+            state, meta = ckpt.restore(latest, abstract)
+            checkpointing.check_compatible(meta, run_meta, list(run_meta))
+            logger.info("resumed from step %d (%s)", latest, meta.get("phase"))
+            if meta.get("phase") == "done":
+                if not os.path.isdir(os.path.join(workdir, HF_MODEL_DIR)):
+                    export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
+                ckpt.close()
+                writer.close()
+                return meta.get("final", {})
+        else:  # (2) the initial model of config.model
+            trunk = experiment.initial_trunk(config, setup.gpt_cfg)
+            state = trainer.init_state({"transformer": trunk})
+            before = trainer.evaluate(state["params"])
+            if before:
+                writer.write(0, before)
+            writer.write_samples(0, trainer.samples(state["params"], 0))
+        final = _train_loop(trainer, state, ckpt, writer, run_meta, workdir)
+    ckpt.close()
+    writer.close()
+    if runtime.is_primary():
+        metrics_lib.plot_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE),
+                                 os.path.join(workdir, "plot.png"),
+                                 ys=("train/loss", "valid/loss"),
+                                 title=f"SFT ({s.mode}) {os.path.basename(os.path.normpath(workdir))}")
+    return final
+
+
+def _train_loop(trainer: SFTTrainer, state, ckpt, writer, run_meta: dict, workdir: str) -> dict:
+    setup, s = trainer.s, trainer.s.config.sft
+    start = int(state["step"])
+    tokens_per_step = s.batch_size * setup.data.seq_len
+    progress = metrics_lib.Progress(s.steps, start=start, desc="train_sft",
+                                    items_per_step={"tokens": tokens_per_step})
+    stop_after = setup.config.get("stop_after", 0)
+    pending: list[dict] = []
+    last: dict[str, float] = {}
+    # The next batch is built on a host thread while the device runs the current step.
+    with runtime.StopSignal() as stop, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(trainer.global_batch, setup.data, start)
+        for step in range(start, s.steps):
+            batch = future.result()
+            if step + 1 < s.steps:
+                future = pool.submit(trainer.global_batch, setup.data, step + 1)
+            state, stats = trainer.train_step(state, batch)
+            pending.append(stats)
+            done = step + 1
+            if done % s.log_every == 0 or done == s.steps:
+                # Means over the steps since the last log line, read from the device once.
+                got = jax.device_get(pending)
+                pending = []
+                last = {f"train/{k}": float(np.mean([g[k] for g in got])) for k in got[0]}
+                writer.write(done, last)
+                progress.update(done, loss=last["train/loss"])
+            if stop_after and done - start >= stop_after:
+                stop.request(f"stop_after={stop_after}")
+            if done < s.steps:  # the last step is saved below, marked "done"
+                ckpt.save(done, state, run_meta | {"phase": "train"}, force=stop.requested)
+            if stop.requested and done < s.steps:
+                ckpt.wait_until_finished()
+                ckpt.close()
+                writer.close()
+                logger.warning("stopping at step %d on %s; rerun to resume", done, stop.reason)
+                raise SystemExit(EXIT_STOPPED)
+    final = last | trainer.evaluate(state["params"])
+    writer.write(s.steps, {k: v for k, v in final.items() if k.startswith("valid/")})
+    writer.write_samples(s.steps, trainer.samples(state["params"], s.steps))
+    export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
+    ckpt.save(s.steps, state, run_meta | {"phase": "done", "final": final}, force=True)
+    logger.info("SFT done: train loss %.4f%s; model in %s", final.get("train/loss", float("nan")),
+                f", valid loss {final['valid/loss']:.4f}" if "valid/loss" in final else "",
+                os.path.join(workdir, HF_MODEL_DIR))
+    return final
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    runtime.maybe_initialize_distributed()
+    runtime.setup_logging(FLAGS.workdir)
+    train_sft(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    # Flags are defined only when run as a program, so entry modules import side by side.
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the model go.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

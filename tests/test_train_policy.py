@@ -1,0 +1,211 @@
+"""PPO end to end on a tiny GPT-2: alignment, sharding equivalence, resume, retracing, bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import (
+    checkpointing,
+    experiment,
+    models,
+    ppo_trainer,
+    sharding,
+    train_policy,
+    train_reward,
+)
+from rlhf_jax import sample as sample_lib
+from rlhf_jax.data import sources, tasks
+from tests.conftest import require_devices
+from tests.test_train_reward import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(**ppo):
+    cfg = load_config()
+    cfg.ppo.batch_size = 16
+    cfg.ppo.total_episodes = 64
+    cfg.ppo.lr = 1e-3
+    cfg.log_every = 1
+    cfg.ckpt_every = 1
+    for k, v in ppo.items():
+        cfg.ppo[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def random_rm(tmp_path_factory):
+    """A randomly initialised reward model saved as train_reward does (the original's 'test' RM)."""
+    cfg = tiny_config()
+    gpt_cfg = experiment.gpt2_config(cfg)
+    tok = experiment.tokenizer(cfg)
+    spec = experiment.task_spec(cfg, tok, gpt_cfg)
+    trunk = experiment.initial_trunk(cfg, gpt_cfg)
+    params = experiment.with_heads(trunk, gpt_cfg, ("reward",), jax.random.key(7))
+    workdir = str(tmp_path_factory.mktemp("rm"))
+    train_reward.save_reward_model(workdir, params, gpt_cfg, spec, "best_of_4")
+    return workdir
+
+
+def _functions(cfg, mesh, rm_dir, max_traces=None):
+    """PPOFunctions and initial state/params, built as train_policy builds them."""
+    rules = sharding.rules_from_config(cfg.sharding_rules)
+    gpt_cfg = experiment.gpt2_config(cfg)
+    tok = experiment.tokenizer(cfg)
+    spec = experiment.task_spec(cfg, tok, gpt_cfg)
+    settings = ppo_trainer.PPOSettings.from_config(cfg.ppo)
+    rm, rm_cfg, _ = train_reward.load_reward_model(rm_dir, mesh, rules, expected_spec=spec)
+    tx = ppo_trainer.make_optimizer(cfg.ppo, 4)
+    pol_sh = sharding.param_shardings(gpt_cfg, ("value",), mesh, rules)
+    repl = sharding.replicated(mesh)
+    abstract = jax.eval_shape(
+        lambda: {"policy": models.init_params(gpt_cfg, jax.random.key(0), ("value",))})
+    opt_sh = sharding.opt_state_shardings(tx, abstract, {"policy": pol_sh}, mesh)
+    state_sh = {"params": {"policy": pol_sh}, "opt_state": opt_sh, "step": repl, "kl_coef": repl}
+    ref_sh = {"transformer": pol_sh["transformer"]}
+    rm_sh = sharding.param_shardings(rm_cfg, ("reward",), mesh, rules)
+    fns = ppo_trainer.PPOFunctions(gpt_cfg, rm_cfg, spec, settings, tx, mesh, state_sh, pol_sh,
+                                   ref_sh, rm_sh, max_traces=max_traces)
+    trunk = experiment.initial_trunk(cfg, gpt_cfg)
+    policy = experiment.with_heads(trunk, gpt_cfg, ("value",), jax.random.key(1))
+    with sharding.mesh_context(mesh, rules):
+        trainable = jax.device_put({"policy": policy}, {"policy": pol_sh})
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    state = {"params": trainable, "opt_state": opt_state,
+             "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+             "kl_coef": jax.device_put(jnp.float32(0.15), repl)}
+    ref = jax.device_put({"transformer": trunk}, ref_sh)
+    dataset = experiment.query_dataset(cfg, tok, spec)
+    return fns, state, ref, rm, dataset, rules, spec
+
+
+def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
+    """Sampling-time log-probs equal the training forward's (spec §10.2): on the first minibatch
+    of an iteration the ratio is 1, approxkl 0 and nothing clips. Iterations do not recompile."""
+    cfg = tiny_config()
+    mesh = sharding.make_mesh()
+    fns, state, ref, rm, dataset, rules, spec = _functions(cfg, mesh, random_rm, max_traces=1)
+    with sharding.mesh_context(mesh, rules):
+        for it in range(3):
+            queries = sharding.host_batch_to_global(dataset.get_batch(it, 16), mesh)
+            data, stats, extras = fns.rollout(state["params"]["policy"], None, ref, rm, queries,
+                                              state["kl_coef"], jax.random.key(it))
+            if it == 0:
+                _, first = jax.jit(fns._loss)(state["params"], data)
+                assert float(first["ppo/policy/approxkl"]) < 1e-10
+                assert float(first["ppo/policy/clipfrac"]) == 0.0
+                assert float(first["ppo/val/clipfrac"]) == 0.0
+                # Invalid responses (no '.' at index >= 16) score exactly the penalty.
+                valid = np.asarray(tasks.responses_valid(data["responses"], spec))
+                np.testing.assert_array_equal(np.asarray(extras["scores"])[~valid], -1.0)
+            state, train_stats = fns.update(state, data, jax.random.key(100 + it))
+            assert np.isfinite(float(train_stats["ppo/loss/total"]))
+    assert int(state["step"]) == 3
+
+
+@require_devices(8)
+def test_update_on_8_devices_matches_one_device(random_rm):
+    cfg = tiny_config()
+    results = []
+    for mesh in (sharding.make_mesh(), sharding.make_mesh(devices=jax.devices()[:1])):
+        fns, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
+        with sharding.mesh_context(mesh, rules):
+            queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
+            data, stats, _ = fns.rollout(state["params"]["policy"], None, ref, rm, queries,
+                                         state["kl_coef"], jax.random.key(0))
+            state, train_stats = fns.update(state, data, jax.random.key(1))
+        results.append(jax.device_get((data, stats, train_stats, state["params"])))
+    (d8, s8, t8, p8), (d1, s1, t1, p1) = results
+    np.testing.assert_array_equal(d8["responses"], d1["responses"])
+    for k in s8:
+        np.testing.assert_allclose(s8[k], s1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for k in t8:
+        np.testing.assert_allclose(t8[k], t1[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _rows(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.startswith("elapsed/")} for r in rows]
+
+
+def test_resume_matches_uninterrupted_run(random_rm, tmp_path):
+    """4 iterations straight equal 2 iterations, a stop, and 2 resumed, metric for metric."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    cfg = tiny_config()
+    cfg.rewards.trained_model = random_rm
+    train_policy.train_policy(cfg, straight)
+    cfg.stop_after = 2
+    with pytest.raises(SystemExit) as stopped:
+        train_policy.train_policy(cfg, resumed)
+    assert stopped.value.code == train_policy.EXIT_STOPPED
+    assert checkpointing.Checkpointer(os.path.join(resumed, "checkpoints"),
+                                      save_every=1).latest_step() == 2
+    cfg.stop_after = 0
+    last = train_policy.train_policy(cfg, resumed)
+    a, b = _rows(straight), _rows(resumed)
+    assert [r["step"] for r in a] == [1, 2, 3, 4] == [r["step"] for r in b]
+    assert a == b
+    assert last["objective/kl_coef"] != 0.15  # the adaptive controller moved
+    for name in ("plot.png", "samples.jsonl", "config.json", "tb"):
+        assert os.path.exists(os.path.join(straight, name)), name
+    sample = json.loads(open(os.path.join(straight, "samples.jsonl")).readline())
+    assert {"query", "response", "score", "kl", "total"} <= set(sample)
+    # The sampling CLI's library path: the trained policy at the training temperature.
+    params, step = sample_lib.load_policy(straight)
+    assert step == 4
+    texts = sources.load_texts("builtin", "test")[:3] + ["no full stop here"]
+    rows = sample_lib.sample_texts(sample_lib.load_run_config(straight), params, texts,
+                                   num_samples=2, batch_size=8)
+    assert len(rows) == 6  # the text without a '.' is skipped by the books start/end rules
+    assert {r["temperature"] for r in rows} == {0.7}
+    assert all(len(r["response_tokens"]) <= 24 for r in rows)
+
+
+def test_separate_value_network_from_reward_model(random_rm, tmp_path):
+    cfg = tiny_config(value_model="separate", total_episodes=32)
+    cfg.rewards.trained_model = random_rm
+    last = train_policy.train_policy(cfg, str(tmp_path / "sep"))
+    assert np.isfinite(last["ppo/loss/total"])
+    assert last["ppo/val/mean"] != 0.0  # values start from the reward model, not zero
+
+
+def test_bad_input(random_rm, tmp_path):
+    cfg = tiny_config()
+    cfg.rewards.trained_model = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="rewards.trained_model=.*does not exist"):
+        train_policy.train_policy(cfg, str(tmp_path / "a"))
+    cfg = tiny_config(batch_size=12)
+    with pytest.raises(ValueError, match="ppo.batch_size=12 is not divisible by the 8 devices"):
+        train_policy.train_policy(cfg, str(tmp_path / "b"))
+    cfg = tiny_config(nminibatches=3)
+    with pytest.raises(ValueError, match="not divisible by ppo.nminibatches=3"):
+        train_policy.train_policy(cfg, str(tmp_path / "c"))
+    cfg = tiny_config(whiten_groups=4)
+    with pytest.raises(ValueError, match="needs >= 8 rollouts per whitening group"):
+        train_policy.train_policy(cfg, str(tmp_path / "d"))
+    cfg = tiny_config()
+    cfg.rewards.trained_model = random_rm
+    cfg.task.truncate_after = 10
+    with pytest.raises(ValueError, match="other task settings: truncate_after"):
+        train_policy.train_policy(cfg, str(tmp_path / "e"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(random_rm, tmp_path):
+    cfg = tiny_config(lr=1e30, noptepochs=1)  # iteration 1 reports pre-update (finite) stats
+    cfg.rewards.trained_model = random_rm
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train_policy.NonFiniteLossError, match="non-finite"):
+        train_policy.train_policy(cfg, workdir)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
+    step = ckpt.latest_step()
+    assert step is not None
+    _, meta = ckpt.restore(step)
+    assert meta["value_model"] == "shared"
+    rows = _rows(workdir)
+    assert all(np.isfinite(r["ppo/loss/total"]) for r in rows)
