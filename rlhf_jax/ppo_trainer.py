@@ -206,6 +206,8 @@ def value_params_from_reward(rm_params):
     """
     gain, bias = rm_params["reward_norm"]["gain"], rm_params["reward_norm"]["bias"]
     head = rm_params["reward_head"]
-    return {"transformer": rm_params["transformer"],
+    # Copy the trunk: the train state is donated to the update, and donating buffers that the
+    # frozen reward model still uses would free them under it.
+    return {"transformer": jax.tree.map(jnp.copy, rm_params["transformer"]),
             "value_head": {"kernel": head["kernel"] * gain, "bias": head["bias"] * gain + bias}}
 
