@@ -21,6 +21,18 @@ from absl import logging as absl_logging
 from etils import epath
 
 DISTRIBUTED_ENV = "RLHF_JAX_DISTRIBUTED"
+# An explicit cluster (CPU/GPU hosts, or several processes on one machine in tests): the
+# coordinator's host:port, the process count, this process's id and, optionally, the local
+# device ids this process drives (comma-separated; GPU only, CPU takes its device count from
+# XLA_FLAGS / jax_num_cpu_devices).
+COORDINATOR_ENV = "RLHF_JAX_COORDINATOR"
+NUM_PROCESSES_ENV = "RLHF_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "RLHF_JAX_PROCESS_ID"
+LOCAL_DEVICES_ENV = "RLHF_JAX_LOCAL_DEVICES"
+# Cross-process collectives for the CPU backend (JAX's default is "gloo" too, but an explicit
+# setting keeps a changed default, or a site-wide `JAX_CPU_COLLECTIVES_IMPLEMENTATION`, from
+# turning CPU collectives off silently).
+CPU_COLLECTIVES = "gloo"
 LOG_FILE_NAME = "train.log"
 
 _distributed_lock = threading.Lock()
@@ -29,25 +41,72 @@ _file_handler: logging.Handler | None = None
 _active_stops: weakref.WeakSet[StopSignal] = weakref.WeakSet()
 
 
-def maybe_initialize_distributed() -> bool:
-    """Starts the JAX distributed runtime when `RLHF_JAX_DISTRIBUTED=1`, at most once.
+def explicit_cluster_args() -> dict | None:
+    """`jax.distributed.initialize` arguments from the RLHF_JAX_COORDINATOR/... variables.
 
-    TPU VMs need it on every worker, single-host ones too: it is what starts JAX's preemption
-    service, which orbax's `reached_preemption` (and so save-on-preemption) depends on. The
-    launcher (`launch/run_tpu.sh`) sets the variable; local and CPU runs leave it unset.
-    Must run before anything else touches JAX devices.
+    Returns:
+        None when `RLHF_JAX_COORDINATOR` is unset (TPU auto-detection or no cluster), else
+        the keyword arguments.
+
+    Raises:
+        ValueError: naming the variable, when one is missing or malformed.
+    """
+    coordinator = os.environ.get(COORDINATOR_ENV, "")
+    if not coordinator:
+        return None
+    if ":" not in coordinator:
+        raise ValueError(f"{COORDINATOR_ENV}={coordinator!r}: expected host:port")
+    args: dict = {"coordinator_address": coordinator}
+    for env, key in ((NUM_PROCESSES_ENV, "num_processes"), (PROCESS_ID_ENV, "process_id")):
+        value = os.environ.get(env, "")
+        try:
+            args[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{COORDINATOR_ENV} is set, so {env} must be an integer, "
+                             f"got {value!r}") from None
+    if not 0 <= args["process_id"] < args["num_processes"]:
+        raise ValueError(f"{PROCESS_ID_ENV}={args['process_id']} not in "
+                         f"[0, {NUM_PROCESSES_ENV}={args['num_processes']})")
+    local = os.environ.get(LOCAL_DEVICES_ENV, "")
+    if local:
+        try:
+            args["local_device_ids"] = [int(d) for d in local.split(",")]
+        except ValueError:
+            raise ValueError(f"{LOCAL_DEVICES_ENV}={local!r}: expected comma-separated "
+                             "integers") from None
+    return args
+
+
+def maybe_initialize_distributed() -> bool:
+    """Starts the JAX distributed runtime when asked to by the environment, at most once.
+
+    Two ways, both set by a launcher:
+    - `RLHF_JAX_DISTRIBUTED=1` (TPU VMs): `jax.distributed.initialize()` with no arguments,
+      auto-detecting the cluster. TPU VMs need it on every worker, single-host ones too: it is
+      what starts JAX's preemption service, which orbax's `reached_preemption` (and so
+      save-on-preemption) depends on. `launch/run_tpu.sh` sets the variable.
+    - `RLHF_JAX_COORDINATOR=host:port` with `RLHF_JAX_NUM_PROCESSES`, `RLHF_JAX_PROCESS_ID`
+      and optionally `RLHF_JAX_LOCAL_DEVICES` (see `explicit_cluster_args`): an explicit
+      CPU/GPU cluster; CPU cross-process collectives (gloo) are switched on first.
+    Local single-process runs set neither. Must run before anything else touches JAX devices.
 
     Returns:
         True when the runtime is initialized (by this call or an earlier one), else False.
     """
     global _distributed_done
-    if os.environ.get(DISTRIBUTED_ENV, "") != "1":
+    explicit = explicit_cluster_args()
+    if explicit is None and os.environ.get(DISTRIBUTED_ENV, "") != "1":
         return False
     with _distributed_lock:
         # `jax.distributed.initialize` raises when called twice; another library may also have
         # called it already, so check JAX's own state too.
         if not _distributed_done and not jax.distributed.is_initialized():
-            jax.distributed.initialize()
+            if explicit is None:
+                jax.distributed.initialize()
+            else:
+                # Read when the CPU backend is created, so it must be set before that.
+                jax.config.update("jax_cpu_collectives_implementation", CPU_COLLECTIVES)
+                jax.distributed.initialize(**explicit)
         _distributed_done = True
     return True
 

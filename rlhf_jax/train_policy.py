@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rlhf_jax import (
@@ -212,7 +213,10 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _sample_rows(tok, extras, spec, config, kl_coef_init: float) -> list[dict]:
     """A few decoded samples, as the original printed them every log step (rank 0)."""
     n = config.samples_per_log
-    ex = jax.device_get({k: v[:n] for k, v in extras.items()})
+    # The rows are batch-sharded over every process's devices: gather them (a collective, so
+    # every process calls this). `device_get` works only while the slice happens to come back
+    # replicated, and fails on multi-host once n reaches the batch size.
+    ex = multihost_utils.process_allgather({k: v[:n] for k, v in extras.items()}, tiled=True)
     queries = labelers.decode_tokens(tok, ex["queries"], spec.pad_id)
     responses = labelers.decode_tokens(tok, ex["truncated"], spec.pad_id)
     return [{"query": q, "response": r, "score": float(s), "kl": float(k),

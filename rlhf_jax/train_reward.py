@@ -232,8 +232,11 @@ def save_reward_model(workdir: str, params, gpt_cfg: models.GPT2Config, spec: ta
         "label_type": label_type,
         **(extra or {}),
     }
-    runtime.atomic_write_text(os.path.join(workdir, REWARD_MODEL_META),
-                              json.dumps(meta, indent=2, sort_keys=True))
+    if runtime.is_primary():  # the params above are saved by every process (orbax needs all)
+        runtime.atomic_write_text(os.path.join(workdir, REWARD_MODEL_META),
+                                  json.dumps(meta, indent=2, sort_keys=True))
+    if jax.process_count() > 1:  # no process may load the model before the metadata exists
+        multihost_utils.sync_global_devices("save_reward_model")
     return path
 
 

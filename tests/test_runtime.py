@@ -61,15 +61,19 @@ def test_setup_logging_writes_timestamped_file(tmp_path):
     try:
         runtime.setup_logging(tmp_path)
         runtime.setup_logging(tmp_path)  # Idempotent: still one file handler.
-        absl_logging.info("hello from absl")
-        logging.getLogger("rlhf_jax.test").info("hello from stdlib")
+        # Libraries that log through absl (orbax: every stage of every save) stay at warnings;
+        # our own modules log at INFO.
+        absl_logging.info("library chatter")
+        absl_logging.warning("library warning")
+        logging.getLogger("rlhf_jax.test").info("hello from rlhf_jax")
     finally:
         runtime.setup_logging(None)  # Detach the file handler for the other tests.
     text = (tmp_path / runtime.LOG_FILE_NAME).read_text()
-    assert text.count("hello from absl") == 1
-    assert "hello from stdlib" in text
+    assert text.count("hello from rlhf_jax") == 1
+    assert "library chatter" not in text
+    assert "library warning" in text
     # absl prefix: level letter, MMDD, HH:MM:SS.micros.
-    assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} .*hello from absl", text, re.M)
+    assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} .*hello from rlhf_jax", text, re.M)
 
 
 def test_stop_signal_sigterm_sets_flag_and_restores_handlers():
