@@ -191,6 +191,71 @@ class PPOFunctions:
         return new_state, stats
 
 
+@dataclasses.dataclass
+class PPOLayout:
+    """Every sharding and abstract shape of a PPO run on one mesh.
+
+    Shared by train_policy, the AOT memory check and the benchmarks, so that all of them compile
+    exactly the program a run executes.
+    """
+
+    policy: object  # NamedShardings of the policy params
+    value: object  # of a separate value network, or None
+    trainable: dict  # {"policy": ..., ["value": ...]}
+    ref: dict
+    reward: object
+    opt_state: object
+    state: dict  # of the whole train state
+    rollout: object  # of the policy during sampling (replicated)
+    abstract_trainable: dict
+    abstract_state: dict
+    heads: tuple[str, ...]
+
+    def functions(self, gpt_cfg, rm_cfg, spec, settings, tx, mesh, max_traces=None):
+        """The jitted rollout and update for this layout."""
+        return PPOFunctions(gpt_cfg, rm_cfg, spec, settings, tx, mesh, self.state, self.policy,
+                            self.ref, self.reward, self.value, self.rollout, max_traces)
+
+    def to_rollout(self):
+        """A jitted reshard of the policy params into the rollout layout."""
+        return jax.jit(lambda params: params, in_shardings=(self.policy,),
+                       out_shardings=self.rollout)
+
+
+def build_layout(gpt_cfg: models.GPT2Config, rm_cfg: models.GPT2Config, settings: PPOSettings,
+                 tx: optax.GradientTransformation, mesh, rules) -> PPOLayout:
+    """Shardings (FSDP from the logical-axis rules) and abstract shapes of a PPO run.
+
+    Fails fast if the rules leave too many parameters replicated.
+    """
+    heads = () if settings.separate_value else ("value",)
+    policy = sharding.param_shardings(gpt_cfg, heads, mesh, rules)
+    value = (sharding.param_shardings(rm_cfg, ("value",), mesh, rules)
+             if settings.separate_value else None)
+    trainable = {"policy": policy} | ({"value": value} if value is not None else {})
+    key = jax.random.key(0)
+    abstract_trainable = jax.eval_shape(lambda: {
+        "policy": models.init_params(gpt_cfg, key, heads),
+        **({"value": models.init_params(rm_cfg, key, ("value",))} if value is not None else {})})
+    sharding.assert_sufficiently_sharded(trainable, abstract_trainable)
+    opt_state = sharding.opt_state_shardings(tx, abstract_trainable, trainable, mesh)
+    repl = sharding.replicated(mesh)
+    state = {"params": trainable, "opt_state": opt_state, "step": repl, "kl_coef": repl}
+    abstract_state = {"params": abstract_trainable,
+                      "opt_state": jax.eval_shape(tx.init, abstract_trainable),
+                      "step": jax.ShapeDtypeStruct((), jnp.int32),
+                      "kl_coef": jax.ShapeDtypeStruct((), jnp.float32)}
+    return PPOLayout(
+        policy=policy, value=value, trainable=trainable,
+        ref={"transformer": policy["transformer"]},
+        reward=sharding.param_shardings(rm_cfg, ("reward",), mesh, rules),
+        opt_state=opt_state, state=state,
+        # Sampling reads the policy once per generated token: replicate it for the rollout, so
+        # FSDP does not all-gather every layer at every decoding step (one gather per rollout).
+        rollout=jax.tree.map(lambda _: repl, policy),
+        abstract_trainable=abstract_trainable, abstract_state=abstract_state, heads=heads)
+
+
 def make_optimizer(p: ml_collections.ConfigDict, num_updates: int) -> optax.GradientTransformation:
     """TF1-style Adam with the learning rate decayed linearly per PPO iteration (spec §10.9)."""
     schedule = optim.ppo_lr_schedule(p.lr, num_updates, p.noptepochs * p.nminibatches)

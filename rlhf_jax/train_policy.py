@@ -40,7 +40,6 @@ from rlhf_jax import (
     kl_control,
     labelers,
     metrics as metrics_lib,
-    models,
     ppo_trainer,
     runtime,
     sharding,
@@ -89,44 +88,22 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
         reward_model_dir(config, workdir), mesh, rules, expected_spec=spec)
     num_updates = math.ceil(p.total_episodes / p.batch_size)
     tx = ppo_trainer.make_optimizer(p, num_updates)
-    heads = () if settings.separate_value else ("value",)
-    policy_sharding = sharding.param_shardings(gpt_cfg, heads, mesh, rules)
-    value_sharding = (sharding.param_shardings(rm_cfg, ("value",), mesh, rules)
-                      if settings.separate_value else None)
-    trainable_sharding = {"policy": policy_sharding}
-    if settings.separate_value:
-        trainable_sharding["value"] = value_sharding
-    ref_sharding = {"transformer": policy_sharding["transformer"]}
-    rm_sharding = sharding.param_shardings(rm_cfg, ("reward",), mesh, rules)
-    abstract_trainable = jax.eval_shape(lambda: {
-        "policy": models.init_params(gpt_cfg, jax.random.key(0), heads),
-        **({"value": models.init_params(rm_cfg, jax.random.key(0), ("value",))}
-           if settings.separate_value else {})})
-    sharding.assert_sufficiently_sharded(trainable_sharding, abstract_trainable)
-    opt_sharding = sharding.opt_state_shardings(tx, abstract_trainable, trainable_sharding, mesh)
-    repl = sharding.replicated(mesh)
-    state_sharding = {"params": trainable_sharding, "opt_state": opt_sharding, "step": repl,
-                      "kl_coef": repl}
-    # Sampling reads the policy once per generated token: replicate it for the rollout, so FSDP
-    # does not all-gather every layer at every decoding step (one gather per rollout instead).
-    rollout_sharding = jax.tree.map(lambda _: repl, policy_sharding)
-    to_rollout = jax.jit(lambda params: params, in_shardings=(policy_sharding,),
-                         out_shardings=rollout_sharding)
-    fns = ppo_trainer.PPOFunctions(
-        gpt_cfg, rm_cfg, spec, settings, tx, mesh, state_sharding, policy_sharding,
-        ref_sharding, rm_sharding, value_sharding, rollout_sharding)
+    layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
+    heads, repl = layout.heads, sharding.replicated(mesh)
+    to_rollout = layout.to_rollout()
+    fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
 
     rng_init, rng_sample, rng_shuffle = jax.random.split(jax.random.key(config.seed), 3)
     trunk = experiment.initial_trunk(config, gpt_cfg)
-    ref_params = jax.device_put({"transformer": trunk}, ref_sharding)
+    ref_params = jax.device_put({"transformer": trunk}, layout.ref)
 
     def fresh_state():
         trainable = {"policy": experiment.with_heads(trunk, gpt_cfg, heads, rng_init)}
         if settings.separate_value:
             trainable["value"] = ppo_trainer.value_params_from_reward(rm_params)
         with sharding.mesh_context(mesh, rules):
-            trainable = jax.device_put(trainable, trainable_sharding)
-            opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(trainable)
+            trainable = jax.device_put(trainable, layout.trainable)
+            opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(trainable)
         return {"params": trainable, "opt_state": opt_state,
                 "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
                 "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}
@@ -137,10 +114,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run_meta = {"gpt2_config": dict(vars(gpt_cfg)), "task_spec": experiment.spec_dict(spec),
                 "value_model": p.value_model}
     if latest is not None:  # (1) resume
-        abstract = checkpointing.abstract_state(
-            {"params": abstract_trainable, "opt_state": jax.eval_shape(tx.init, abstract_trainable),
-             "step": jax.ShapeDtypeStruct((), jnp.int32),
-             "kl_coef": jax.ShapeDtypeStruct((), jnp.float32)}, state_sharding)
+        abstract = checkpointing.abstract_state(layout.abstract_state, layout.state)
         state, meta = ckpt.restore(latest, abstract)
         checkpointing.check_compatible(meta, run_meta, list(run_meta))
         logger.info("resumed from iteration %d", latest)

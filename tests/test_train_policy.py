@@ -11,7 +11,6 @@ import pytest
 from rlhf_jax import (
     checkpointing,
     experiment,
-    models,
     ppo_trainer,
     sharding,
     train_policy,
@@ -60,27 +59,20 @@ def _functions(cfg, mesh, rm_dir, max_traces=None):
     settings = ppo_trainer.PPOSettings.from_config(cfg.ppo)
     rm, rm_cfg, _ = train_reward.load_reward_model(rm_dir, mesh, rules, expected_spec=spec)
     tx = ppo_trainer.make_optimizer(cfg.ppo, 4)
-    pol_sh = sharding.param_shardings(gpt_cfg, ("value",), mesh, rules)
+    layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
+    fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh, max_traces=max_traces)
     repl = sharding.replicated(mesh)
-    abstract = jax.eval_shape(
-        lambda: {"policy": models.init_params(gpt_cfg, jax.random.key(0), ("value",))})
-    opt_sh = sharding.opt_state_shardings(tx, abstract, {"policy": pol_sh}, mesh)
-    state_sh = {"params": {"policy": pol_sh}, "opt_state": opt_sh, "step": repl, "kl_coef": repl}
-    ref_sh = {"transformer": pol_sh["transformer"]}
-    rm_sh = sharding.param_shardings(rm_cfg, ("reward",), mesh, rules)
-    fns = ppo_trainer.PPOFunctions(gpt_cfg, rm_cfg, spec, settings, tx, mesh, state_sh, pol_sh,
-                                   ref_sh, rm_sh, max_traces=max_traces)
     trunk = experiment.initial_trunk(cfg, gpt_cfg)
     policy = experiment.with_heads(trunk, gpt_cfg, ("value",), jax.random.key(1))
     with sharding.mesh_context(mesh, rules):
-        trainable = jax.device_put({"policy": policy}, {"policy": pol_sh})
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+        trainable = jax.device_put({"policy": policy}, layout.trainable)
+        opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(trainable)
     state = {"params": trainable, "opt_state": opt_state,
              "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
              "kl_coef": jax.device_put(jnp.float32(0.15), repl)}
-    ref = jax.device_put({"transformer": trunk}, ref_sh)
+    ref = jax.device_put({"transformer": trunk}, layout.ref)
     dataset = experiment.query_dataset(cfg, tok, spec)
-    return fns, state, ref, rm, dataset, rules, spec
+    return fns, layout.to_rollout(), state, ref, rm, dataset, rules, spec
 
 
 def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
@@ -88,12 +80,13 @@ def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
     of an iteration the ratio is 1, approxkl 0 and nothing clips. Iterations do not recompile."""
     cfg = tiny_config()
     mesh = sharding.make_mesh()
-    fns, state, ref, rm, dataset, rules, spec = _functions(cfg, mesh, random_rm, max_traces=1)
+    fns, to_rollout, state, ref, rm, dataset, rules, spec = _functions(cfg, mesh, random_rm,
+                                                                        max_traces=1)
     with sharding.mesh_context(mesh, rules):
         for it in range(3):
             queries = sharding.host_batch_to_global(dataset.get_batch(it, 16), mesh)
-            data, stats, extras = fns.rollout(state["params"]["policy"], None, ref, rm, queries,
-                                              state["kl_coef"], jax.random.key(it))
+            data, stats, extras = fns.rollout(to_rollout(state["params"]["policy"]), None, ref,
+                                              rm, queries, state["kl_coef"], jax.random.key(it))
             if it == 0:
                 _, first = jax.jit(fns._loss)(state["params"], data)
                 assert float(first["ppo/policy/approxkl"]) < 1e-10
@@ -112,11 +105,11 @@ def test_update_on_8_devices_matches_one_device(random_rm):
     cfg = tiny_config()
     results = []
     for mesh in (sharding.make_mesh(), sharding.make_mesh(devices=jax.devices()[:1])):
-        fns, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
+        fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
         with sharding.mesh_context(mesh, rules):
             queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
-            data, stats, _ = fns.rollout(state["params"]["policy"], None, ref, rm, queries,
-                                         state["kl_coef"], jax.random.key(0))
+            data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
+                                         queries, state["kl_coef"], jax.random.key(0))
             state, train_stats = fns.update(state, data, jax.random.key(1))
         results.append(jax.device_get((data, stats, train_stats, state["params"])))
     (d8, s8, t8, p8), (d1, s1, t1, p1) = results
