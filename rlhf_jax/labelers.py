@@ -79,8 +79,8 @@ class VaderSentimentScorer:
 class BestOfNLabeler:
     """Picks the best of N samples with a scorer, optionally as a noisy (Boltzmann) human.
 
-    With `temperature == 0` the choice is the argmax of the scores, ties going to the lowest
-    index. With `temperature > 0` the choice is drawn from softmax(score / temperature), a
+    With `temperature == 0` the choice is the argmax of the scores, ties broken uniformly at
+    random (seeded). With `temperature > 0` the choice is drawn from softmax(score / temperature), a
     Boltzmann-rational labeler. Real labels are far from noiseless: the paper reports that
     labelers agreed with each other only 38-46% of the time on the 4-way style tasks, so a
     positive temperature gives more realistic mock data.
@@ -133,7 +133,12 @@ class BestOfNLabeler:
         """
         scores = self.scores(query_texts, sample_texts)
         if self.temperature == 0:
-            return np.argmax(scores, axis=1).astype(np.int32)  # first max on ties
+            # Ties (e.g. several samples VADER finds neutral) are broken uniformly at random: an
+            # indifferent person does not always pick the first sample, and a fixed index would
+            # teach the reward model a position bias it cannot see in the text.
+            is_max = scores == scores.max(axis=1, keepdims=True)
+            noise = self._rng.random(scores.shape)
+            return np.argmax(np.where(is_max, noise, -1.0), axis=1).astype(np.int32)
         logits = scores / self.temperature
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
