@@ -345,12 +345,6 @@ def _abstract(tree, shardings):
                         tree, shardings)
 
 
-def _strip_formats(tree):
-    """Compiled outputs as plain inputs for the next program (same shapes and shardings)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                        tree)
-
-
 @dataclasses.dataclass
 class _Pending:
     """A program to compile: its jitted function, abstract arguments and resident bytes."""
@@ -367,16 +361,14 @@ def _key(mesh) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=sharding.replicated(mesh))
 
 
-def build_ppo(config: ml_collections.ConfigDict, mesh, rules, spec: tasks.TaskSpec):
-    """Yields the PPO programs as train_policy builds and holds them.
+def build_ppo(config: ml_collections.ConfigDict, mesh, rules,
+              spec: tasks.TaskSpec) -> list[_Pending]:
+    """The PPO programs as train_policy builds them, with what it holds while each runs.
 
-    A generator, because `update` takes the rollout's compiled outputs: send the compiled
-    rollout back (`gen.send(compiled)`) to get the next program.
-
-    Resident bytes, as `train_policy.train_policy` holds its arrays: the train state (params,
-    Adam slots), the frozen reference and reward params live throughout; the replicated rollout
-    copy of the policy and the rollout's outputs stay referenced until the next iteration
-    reassigns them (those are the "freeable" bytes).
+    Resident bytes follow `train_policy.train_policy`: the train state (params, Adam slots) and
+    the frozen reference and reward params live throughout; the replicated rollout copy of the
+    policy and the rollout's outputs stay referenced until the next iteration reassigns them
+    (those are the "freeable" bytes).
     """
     p = config.ppo
     ppo_trainer.check_ppo_config(p, mesh)
@@ -386,72 +378,46 @@ def build_ppo(config: ml_collections.ConfigDict, mesh, rules, spec: tasks.TaskSp
     rm_cfg = gpt_cfg
     num_updates = math.ceil(p.total_episodes / p.batch_size)
     tx = ppo_trainer.make_optimizer(p, num_updates)
-    heads = () if settings.separate_value else ("value",)
-    policy_sharding = sharding.param_shardings(gpt_cfg, heads, mesh, rules)
-    value_sharding = (sharding.param_shardings(rm_cfg, ("value",), mesh, rules)
-                      if settings.separate_value else None)
-    trainable_sharding = {"policy": policy_sharding}
-    if settings.separate_value:
-        trainable_sharding["value"] = value_sharding
-    ref_sharding = {"transformer": policy_sharding["transformer"]}
-    rm_sharding = sharding.param_shardings(rm_cfg, ("reward",), mesh, rules)
-    key0 = jax.random.key(0)
-    abstract_trainable = jax.eval_shape(lambda: {
-        "policy": models.init_params(gpt_cfg, key0, heads),
-        **({"value": models.init_params(rm_cfg, key0, ("value",))}
-           if settings.separate_value else {})})
-    sharding.assert_sufficiently_sharded(trainable_sharding, abstract_trainable)
-    opt_sharding = sharding.opt_state_shardings(tx, abstract_trainable, trainable_sharding, mesh)
-    repl = sharding.replicated(mesh)
-    state_sharding = {"params": trainable_sharding, "opt_state": opt_sharding, "step": repl,
-                      "kl_coef": repl}
-    rollout_sharding = jax.tree.map(lambda _: repl, policy_sharding)
-    to_rollout = jax.jit(lambda params: params, in_shardings=(policy_sharding,),
-                         out_shardings=rollout_sharding)
-    fns = ppo_trainer.PPOFunctions(
-        gpt_cfg, rm_cfg, spec, settings, tx, mesh, state_sharding, policy_sharding,
-        ref_sharding, rm_sharding, value_sharding, rollout_sharding)
+    layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
+    to_rollout = layout.to_rollout()
+    fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
 
-    state = _abstract({"params": abstract_trainable,
-                       "opt_state": jax.eval_shape(tx.init, abstract_trainable),
-                       "step": jax.ShapeDtypeStruct((), jnp.int32),
-                       "kl_coef": jax.ShapeDtypeStruct((), jnp.float32)}, state_sharding)
-    ref = _abstract({"transformer": abstract_trainable["policy"]["transformer"]}, ref_sharding)
-    rm = _abstract(jax.eval_shape(lambda: models.init_params(rm_cfg, key0, ("reward",))),
-                   rm_sharding)
+    repl = sharding.replicated(mesh)
+    state = _abstract(layout.abstract_state, layout.state)
+    trainable = layout.abstract_trainable
+    ref = _abstract({"transformer": trainable["policy"]["transformer"]}, layout.ref)
+    rm = _abstract(jax.eval_shape(lambda: models.init_params(rm_cfg, jax.random.key(0),
+                                                             ("reward",))), layout.reward)
     policy = state["params"]["policy"]
     value = state["params"].get("value")
-    rollout_policy = _abstract(abstract_trainable["policy"], rollout_sharding)
+    rollout_policy = _abstract(trainable["policy"], layout.rollout)
     queries = jax.ShapeDtypeStruct((p.batch_size, spec.query_length), jnp.int32,
                                    sharding=sharding.batch_sharding(mesh))
     kl_coef = jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)
 
+    rollout_args = (rollout_policy, value, ref, rm, queries, kl_coef, _key(mesh))
+    # The update's inputs are the rollout's outputs. Their shapes come from tracing (no need to
+    # compile the rollout first); `_rollout` constrains `data` to the batch sharding, and the
+    # other outputs are per-rollout arrays or scalar statistics.
+    with sharding.mesh_context(mesh, rules):
+        outputs = jax.eval_shape(fns.rollout, *rollout_args)
+    outputs = _abstract(outputs, jax.tree.map(
+        lambda a: sharding.batch_sharding(mesh) if a.ndim else repl, outputs))
+    data = outputs[0]
+
     state_b, ref_b, rm_b = device_bytes(state), device_bytes(ref), device_bytes(rm)
-    copy_b = device_bytes(rollout_policy)
+    copy_b, out_b = device_bytes(rollout_policy), device_bytes(outputs)
     value_b = device_bytes(value) if value is not None else 0
-    # Until the rollout has compiled, its outputs' size is unknown; `send` returns it.
-    prev_out_b = 0
-    compiled = yield _Pending("to_rollout", to_rollout, (policy,),
-                              state_b - device_bytes(policy) + ref_b + rm_b + copy_b,
-                              freeable=copy_b)
-    compiled = yield _Pending(
-        "rollout", fns.rollout, (rollout_policy, value, ref, rm, queries, kl_coef, _key(mesh)),
-        state_b - value_b)
-    if compiled is not None:
-        out = _strip_formats(compiled.out_info)
-        data = out[0]
-        prev_out_b = device_bytes(out)
-        other_out_b = prev_out_b - device_bytes(data)
-    else:  # the rollout did not compile; shapes for the update from tracing instead
-        with sharding.mesh_context(mesh, rules):
-            shapes = jax.eval_shape(fns.rollout, rollout_policy, value, ref, rm, queries,
-                                    kl_coef, _key(mesh))[0]
-        data = _abstract(shapes, jax.tree.map(lambda _: sharding.batch_sharding(mesh), shapes))
-        other_out_b = 0
-    yield _Pending("update", fns.update, (state, data, _key(mesh)),
-                   ref_b + rm_b + copy_b + other_out_b, freeable=copy_b)
-    # The previous iteration's outputs are alive while the next to_rollout and rollout run.
-    yield ("prev_outputs", prev_out_b)
+    policy_b = device_bytes(policy)
+    return [
+        # The previous iteration's rollout copy and outputs are still referenced here.
+        _Pending("to_rollout", to_rollout, (policy,),
+                 state_b - policy_b + ref_b + rm_b + copy_b + out_b, freeable=copy_b + out_b),
+        _Pending("rollout", fns.rollout, rollout_args, state_b - value_b + out_b,
+                 freeable=out_b),
+        _Pending("update", fns.update, (state, data, _key(mesh)),
+                 ref_b + rm_b + copy_b + out_b - device_bytes(data), freeable=copy_b),
+    ]
 
 
 def _reward_setup(config, mesh, rules, spec, gpt_cfg):
@@ -504,7 +470,7 @@ def build_reward(config: ml_collections.ConfigDict, mesh, rules,
     ]
 
 
-def _compile(pending: _Pending, mesh, rules) -> tuple[ProgramReport, Any]:
+def _compile(pending: _Pending, mesh, rules) -> ProgramReport:
     t0 = time.time()
     report = ProgramReport(pending.name, resident_bytes=pending.resident,
                            freeable_bytes=pending.freeable)
@@ -517,7 +483,7 @@ def _compile(pending: _Pending, mesh, rules) -> tuple[ProgramReport, Any]:
             raise
         report.oom_bytes = parsed[0]
         report.compile_seconds = time.time() - t0
-        return report, None
+        return report
     report.compile_seconds = time.time() - t0
     mem = compiled.memory_analysis()
     report.argument_bytes = int(mem.argument_size_in_bytes)
@@ -528,7 +494,7 @@ def _compile(pending: _Pending, mesh, rules) -> tuple[ProgramReport, Any]:
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per partition
         cost = cost[0] if cost else {}
     report.flops = float((cost or {}).get("flops", 0.0))
-    return report, compiled
+    return report
 
 
 def analytic_flops(config: ml_collections.ConfigDict, spec: tasks.TaskSpec) -> dict[str, float]:
@@ -575,37 +541,18 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
     if hbm_bytes is None:
         hbm_bytes = usable_hbm_bytes(devices)
 
-    reports: list[ProgramReport] = []
-
-    def compile_one(pending):
-        log(f"compiling {pending.name} ...")
-        rep, compiled = _compile(pending, mesh, rules)
-        log(f"  {pending.name}: {rep.total_bytes / GIB:.2f} GiB per device "
-            f"({rep.compile_seconds:.0f}s)")
-        if pending.name in programs:
-            reports.append(rep)
-        return compiled
-
-    # Validate the reward stage's batch sizes too, before minutes of compiling.
-    reward_programs = build_reward(config, mesh, rules, spec) if "rewards" in config else []
-    ppo_gen = build_ppo(config, mesh, rules, spec)
-    compiled = None
-    pending = next(ppo_gen)
-    while not isinstance(pending, tuple):
-        # The update's inputs come from the compiled rollout, so compile it even if not asked.
-        if pending.name in programs or (pending.name == "rollout" and "update" in programs):
-            compiled = compile_one(pending)
-        else:
-            compiled = None
-        pending = ppo_gen.send(compiled)
-    prev_out_b = pending[1]
-    for rep in reports:
-        if rep.name in ("to_rollout", "rollout"):
-            rep.resident_bytes += prev_out_b
-            rep.freeable_bytes += prev_out_b
-    for pending in reward_programs:
-        if pending.name in programs:
-            compile_one(pending)
+    # Every batch size is validated (by building everything) before minutes of compiling.
+    pending = build_ppo(config, mesh, rules, spec)
+    if "rewards" in config:
+        pending += build_reward(config, mesh, rules, spec)
+    reports = []
+    for program in pending:
+        if program.name not in programs:
+            continue
+        log(f"compiling {program.name} ...")
+        reports.append(_compile(program, mesh, rules))
+        log(f"  {program.name}: {reports[-1].total_bytes / GIB:.2f} GiB per device "
+            f"({reports[-1].compile_seconds:.0f}s)")
     return Report(
         topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
         mesh=dict(mesh.shape), hbm_bytes=hbm_bytes, programs=reports,

@@ -270,11 +270,14 @@ def sft_config(**kw) -> ml_collections.ConfigDict:
     book-fine-tuned initial model) or "summarize" (loss on reference summaries laid out as the
     policy's context + response: the paper's supervised baselines). dataset "" means the task's
     query dataset (`task.query_dataset`, `task.query_data_dir`); `data_dir` is a tfds data_dir.
-    eval_split "" (or eval_batches 0) turns off the held-out loss.
+    seq_len is the window of "lm" mode ("summarize" uses the task's context + response).
+    eval_split "" (or eval_batches 0) turns off the held-out loss. SFT steps are much cheaper
+    than PPO iterations, hence its own checkpoint interval `ckpt_every`.
     """
     cfg = dict(mode="lm", dataset="", data_dir="", split="train", eval_split="test",
                eval_batches=4, steps=2000, batch_size=32, lr=5e-5, lr_schedule="linear",
-               warmup_steps=0, adam_style="tf", adam_eps=1e-5, seq_len=512, log_every=20)
+               warmup_steps=0, adam_style="tf", adam_eps=1e-5, seq_len=512, log_every=20,
+               ckpt_every=500)
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
 
@@ -282,8 +285,10 @@ def sft_config(**kw) -> ml_collections.ConfigDict:
 def sft_tiny_overrides(config: ml_collections.ConfigDict) -> None:
     """`:runlocal` SFT sizes: the tiny random GPT-2 learns words and periods in ~1-2 min on CPU.
 
-    A random model needs a far larger step than pretrained GPT-2 (3e-3 with a short warm-up).
+    A random model needs a far larger step than pretrained GPT-2: 3e-3 with a short warm-up
+    (on the builtin corpus, 150k tokens: 2e-3 and 5e-3 ended 0.3 nats worse on held-out text,
+    6e-3 and 1e-2 stalled at the unigram level). Batch 8 x 300 steps beat 16 x 150 by 0.15 nats.
     """
     if "sft" in config:
-        config.sft.update(dict(steps=150, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=10,
-                               log_every=10, eval_batches=2))
+        config.sft.update(dict(steps=300, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=20,
+                               log_every=20, eval_batches=4, ckpt_every=100))

@@ -57,6 +57,7 @@ HF_MODEL_DIR = "hf_model"
 EXIT_STOPPED = 3
 MODES = ("lm", "summarize")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MAX_SKIPPED = 1000  # unusable examples in a row before the data is declared unusable
 # tfds names for the splits the pipeline asks for. Reddit (TL;DR) has only "train": hold out its
 # last 5% as the original held out its own "valid" subset. Other split strings pass through.
 TFDS_SPLITS = {
@@ -214,12 +215,13 @@ class SFTData:
         """(tokens, mask) of stream row `r`."""
         epoch, offset = divmod(r, self.num)
         perm = self._perm(epoch)
-        for k in range(self.num):
+        for k in range(min(self.num, MAX_SKIPPED)):
             ex = self.example(int(perm[(offset + k) % self.num]))
             if ex is not None:
                 return ex
-        raise ValueError("no usable SFT example (every article was skipped; check query "
-                         "settings such as end_text and query_length, and the references)")
+        raise ValueError(f"{min(self.num, MAX_SKIPPED)} SFT examples in a row are unusable "
+                         "(articles the task skips, e.g. no end_text in the query window, or "
+                         "empty references)")
 
     def get_batch(self, step: int, batch_size: int, process_index: int = 0,
                   process_count: int = 1) -> dict[str, np.ndarray]:
@@ -251,7 +253,9 @@ def sft_loss(params, batch, *, config: models.GPT2Config, target_start: int):
     weight = mask.astype(jnp.float32)
     count = jnp.maximum(weight.sum(), 1.0)
     loss = (nll * weight).sum() / count
-    accuracy = ((jnp.argmax(logits, -1) == targets) * weight).sum() / count
+    # Top-1 as "the target's logit is the largest": cheaper than an argmax over the vocabulary.
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    accuracy = ((target_logit >= logits.max(axis=-1)) * weight).sum() / count
     return loss, {"loss": loss, "accuracy": accuracy, "target_tokens": weight.sum()}
 
 
@@ -278,7 +282,8 @@ class SFTSetup:
         if s.dataset:
             self.dataset, data_dir = s.dataset, s.data_dir
         else:
-            self.dataset, data_dir = config.task.query_dataset, config.task.get("query_data_dir", "")
+            self.dataset = config.task.query_dataset
+            data_dir = config.task.get("query_data_dir", "")
         if s.mode == "summarize" and not is_summarization_source(self.dataset):
             raise ValueError(f"sft.mode='summarize' needs (article, reference) pairs, but dataset "
                              f"{self.dataset!r} has no references; use tfds:..., jsonl:... or "
@@ -288,19 +293,23 @@ class SFTSetup:
                              f"{self.gpt_cfg.n_positions}]")
         self.data = self._load(s.split, data_dir)
         self.data.get_batch(0, s.batch_size)  # fails now, naming the problem, if unusable
-        self.eval_data = self._load(s.eval_split, data_dir) if s.eval_batches else None
+        use_eval = s.eval_batches and s.eval_split
+        self.eval_data = self._load(s.eval_split, data_dir) if use_eval else None
         self.prompts = self._prompts(s.eval_split or s.split, data_dir, config.samples_per_log)
 
     def _load(self, split: str, data_dir: str) -> SFTData:
         s, seed = self.config.sft, self.config.seed
         if s.mode == "lm":
-            return SFTData.lm(corpus_texts(self.dataset, split, data_dir), self.tok, s.seq_len, seed)
+            texts = corpus_texts(self.dataset, split, data_dir)
+            return SFTData.lm(texts, self.tok, s.seq_len, seed)
         pairs = summarization_pairs(self.dataset, split, data_dir)
         return SFTData.summarize(pairs, self.tok, self.spec, seed)
 
     def _prompts(self, split: str, data_dir: str, n: int):
         """Up to `n` task queries (and references) to sample from before and after training."""
         queries, refs = [], []
+        if n == 0:
+            return queries, refs
         if is_summarization_source(self.dataset):
             items = summarization_pairs(self.dataset, split, data_dir)
         else:
@@ -329,7 +338,7 @@ class SFTTrainer:
 
     def __init__(self, setup: SFTSetup):
         self.s = setup
-        cfg, gpt_cfg, mesh, s = setup.config, setup.gpt_cfg, setup.mesh, setup.config.sft
+        gpt_cfg, mesh, s = setup.gpt_cfg, setup.mesh, setup.config.sft
         if s.lr_schedule == "constant":
             self.schedule = lambda step: jnp.float32(s.lr)  # noqa: E731
         else:
@@ -356,7 +365,6 @@ class SFTTrainer:
             gpt_cfg, response_length=setup.spec.response_length,
             temperature=setup.spec.temperature, params_sharding=self.param_sharding,
             batch_sharding=sharding.batch_sharding(mesh))
-        del cfg
 
     def _train_step(self, state, batch):
         (_, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
@@ -403,10 +411,10 @@ class SFTTrainer:
         spec, n = self.s.spec, len(queries)
         devices = sharding.batch_size_per_device(self.s.mesh)
         rows = np.stack([queries[i % n] for i in range(-(-n // devices) * devices)])
-        context = sharding.host_batch_to_global(tasks.format_context(rows, spec), self.s.mesh)
+        local = np.split(tasks.format_context(rows, spec), jax.process_count())[jax.process_index()]
+        context = sharding.host_batch_to_global(local, self.s.mesh)
         rng = jax.random.fold_in(jax.random.key(self.s.config.seed), step)
-        resp = multihost_utils.process_allgather(self.sample_fn(params, context, rng)["responses"],
-                                                 tiled=True)
+        resp = _to_host(self.sample_fn(params, context, rng)["responses"])
         resp = tasks.postprocess_responses(np.asarray(resp)[:n], spec)
         q_text = labelers.decode_tokens(self.s.tok, np.stack(queries), spec.pad_id)
         r_text = labelers.decode_tokens(self.s.tok, resp, spec.pad_id)
@@ -414,10 +422,17 @@ class SFTTrainer:
                 for q, r, ref in zip(q_text, r_text, refs)]
 
 
+def _to_host(tree):
+    """Global arrays as numpy; across hosts every process must take part."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def export_hf_model(params, gpt_cfg: models.GPT2Config, tok, workdir: str) -> str:
     """Writes `{workdir}/hf_model` (HF GPT-2 + tokenizer files); replaces a stale one."""
     path = os.path.join(workdir, HF_MODEL_DIR)
-    host = multihost_utils.process_allgather(params, tiled=True)  # every process takes part
+    host = _to_host(params)
     if runtime.is_primary():
         if os.path.exists(path):  # left by a crash after the export, before the final checkpoint
             shutil.rmtree(path)
@@ -444,7 +459,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainer = SFTTrainer(setup)
     s = config.sft
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      save_every=config.ckpt_every, keep=config.ckpt_keep)
+                                      save_every=s.ckpt_every, keep=config.ckpt_keep)
     run_meta = _run_meta(setup)
     latest = ckpt.latest_step()
     # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
@@ -478,7 +493,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics_lib.plot_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE),
                                  os.path.join(workdir, "plot.png"),
                                  ys=("train/loss", "valid/loss"),
-                                 title=f"SFT ({s.mode}) {os.path.basename(os.path.normpath(workdir))}")
+                                 title=f"SFT ({s.mode}) {os.path.normpath(workdir)}")
     return final
 
 
@@ -518,8 +533,10 @@ def _train_loop(trainer: SFTTrainer, state, ckpt, writer, run_meta: dict, workdi
                 writer.close()
                 logger.warning("stopping at step %d on %s; rerun to resume", done, stop.reason)
                 raise SystemExit(EXIT_STOPPED)
-    final = last | trainer.evaluate(state["params"])
-    writer.write(s.steps, {k: v for k, v in final.items() if k.startswith("valid/")})
+    after = trainer.evaluate(state["params"])
+    if after:
+        writer.write(s.steps, after)
+    final = last | after
     writer.write_samples(s.steps, trainer.samples(state["params"], s.steps))
     export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
     ckpt.save(s.steps, state, run_meta | {"phase": "done", "final": final}, force=True)
