@@ -233,7 +233,7 @@ def test_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
     assert train_sft.train_sft(summarize_config(), parts)["train/loss"] == b[-1]["train/loss"]
     # A different batch size cannot resume this workdir.
     with pytest.raises(ValueError, match="batch_size"):
-        train_sft.train_sft(summarize_config(batch_size=8), parts)
+        train_sft.train_sft(summarize_config(batch_size=16), parts)
 
 
 @pytest.mark.slow
