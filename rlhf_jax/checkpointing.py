@@ -12,9 +12,10 @@ coordinates the hosts, and the preemption sync point only fires if it is polled 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -143,6 +144,7 @@ class Checkpointer:
             create=True,
         )
         self.directory = _as_path(directory)
+        self._closed = False
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=(STATE, META), options=options
         )
@@ -228,8 +230,23 @@ class Checkpointer:
         """Blocks until background saves are committed; call before exiting."""
         self._manager.wait_until_finished()
 
+    @contextlib.contextmanager
+    def commit_on_error(self) -> Iterator[Checkpointer]:
+        """Wraps a training loop: if it raises (a non-finite loss, Ctrl-C, an OOM), the saves
+        already started are committed before the error propagates, so the run directory keeps
+        its last good step. The manager stays open on normal exit.
+        """
+        try:
+            yield self
+        except BaseException:
+            self.wait_until_finished()
+            raise
+
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
+        """Waits for pending saves and releases the manager. Calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._manager.wait_until_finished()
         self._manager.close()
 

@@ -34,6 +34,9 @@ LOCAL_DEVICES_ENV = "RLHF_JAX_LOCAL_DEVICES"
 # turning CPU collectives off silently).
 CPU_COLLECTIVES = "gloo"
 LOG_FILE_NAME = "train.log"
+# Exit status of a training run that stopped early on request (SIGTERM, preemption, stop_after)
+# after saving a checkpoint: rerunning the same command resumes it.
+EXIT_STOPPED = 3
 
 _distributed_lock = threading.Lock()
 _distributed_done = False
@@ -139,6 +142,8 @@ def setup_logging(workdir: str | os.PathLike | None = None, *, level: str = "inf
     # warnings; our own modules log at `level`.
     absl_logging.set_verbosity(level if level == "debug" else "warning")
     logging.getLogger("rlhf_jax").setLevel(level.upper())
+    # An entry point run with `python -m rlhf_jax.train_reward` logs as "__main__".
+    logging.getLogger("__main__").setLevel(level.upper())
     root = logging.getLogger()
     if _file_handler is not None:
         root.removeHandler(_file_handler)

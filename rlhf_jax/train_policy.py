@@ -48,7 +48,7 @@ from rlhf_jax import (
 
 logger = logging.getLogger(__name__)
 
-EXIT_STOPPED = 3
+EXIT_STOPPED = runtime.EXIT_STOPPED
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -131,7 +131,8 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     items_per_step={"episodes": p.batch_size})
     t_start = time.time()
     last = {}
-    with runtime.StopSignal() as stop, sharding.mesh_context(mesh, rules):
+    with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
+          sharding.mesh_context(mesh, rules)):
         for it in range(start, num_updates):
             t0 = time.time()
             local = dataset.get_batch(it, p.batch_size, process_index=jax.process_index(),

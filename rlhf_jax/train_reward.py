@@ -287,7 +287,8 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     items_per_step={"labels": r.batch_size})
     logger.info("training on %d labels in %d batches of %d", config.labels.num_train,
                 setup.num_steps, r.batch_size)
-    with runtime.StopSignal() as stop, sharding.mesh_context(setup.mesh, setup.rules):
+    with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
+          sharding.mesh_context(setup.mesh, setup.rules)):
         for step in range(start, setup.num_steps):
             rows = order[step * r.batch_size : (step + 1) * r.batch_size]
             state, stats = trainer.train_step(state, _global_batch(arrays, rows, setup.mesh))
@@ -301,7 +302,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if stop.requested:
                 ckpt.wait_until_finished()
                 logger.warning("stopping at step %d on %s; rerun to resume", done, stop.reason)
-                raise SystemExit(1)
+                raise SystemExit(runtime.EXIT_STOPPED)
 
     params = state["params"]
     final = trainer.evaluate(params, _stack_samples(setup.valid_labels, setup.label_type))

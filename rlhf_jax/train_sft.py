@@ -54,7 +54,7 @@ from rlhf_jax.tokenizer import EOT_ID
 logger = logging.getLogger(__name__)
 
 HF_MODEL_DIR = "hf_model"
-EXIT_STOPPED = 3
+EXIT_STOPPED = runtime.EXIT_STOPPED
 MODES = ("lm", "summarize")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MAX_SKIPPED = 1000  # unusable examples in a row before the data is declared unusable
@@ -507,7 +507,8 @@ def _train_loop(trainer: SFTTrainer, state, ckpt, writer, run_meta: dict, workdi
     pending: list[dict] = []
     last: dict[str, float] = {}
     # The next batch is built on a host thread while the device runs the current step.
-    with runtime.StopSignal() as stop, concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
+          concurrent.futures.ThreadPoolExecutor(1) as pool):
         future = pool.submit(trainer.global_batch, setup.data, start)
         for step in range(start, s.steps):
             batch = future.result()

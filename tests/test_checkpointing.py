@@ -85,6 +85,19 @@ def test_interval_policy_force_and_keep(tmp_path):
         assert not ckpt.reached_preemption(6)  # No distributed runtime here.
 
 
+def test_error_in_loop_commits_started_saves_first(tmp_path):
+    """An exception inside `commit_on_error` waits for the async save before it propagates."""
+    ckpt = checkpointing.Checkpointer(tmp_path, save_every=1)
+    with pytest.raises(FloatingPointError):
+        with ckpt.commit_on_error():
+            assert ckpt.save(1, _state(), {"step": 1})
+            raise FloatingPointError("nan")
+    # A second manager (as a rerun would open) sees the committed step at once.
+    assert checkpointing.Checkpointer(tmp_path, save_every=1).latest_step() == 1
+    ckpt.close()
+    ckpt.close()  # idempotent
+
+
 def test_round_trip_keeps_types_dtypes_and_meta(tmp_path):
     state = _state()
     meta = {"step": 7, "kl_coef": np.float32(0.25), "query_length": 64, "shape": (1, 2)}
