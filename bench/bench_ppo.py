@@ -23,15 +23,19 @@ reproduce the sampler's log-probs (policy = reference at that point).
     python bench/bench_ppo.py --model tiny --repeats 3
     python bench/bench_ppo.py --only jax --phases      # also time the rollout's parts apart
 
-episodes/s = batch / seconds per iteration. JAX runs on one CPU device by default (`--devices
-1`); XLA sizes its own intra-op thread pool, `--threads` sets torch's.
+Each side's first iteration (and JAX's compile) is reported apart; then `--warmup` untimed and
+`--repeats` timed rounds of one iteration per side, alternating (order swapped every round) so
+both sides see the same load; `--sequential` times one side after the other instead and frees
+the first before the second starts (about 6 GB peak instead of about 12 GB for both at 124M).
+Wall and process CPU seconds are recorded per iteration, with per-phase timings. episodes/s =
+batch / seconds per iteration. JAX runs on one CPU device by default (`--devices 1`); XLA sizes
+its own intra-op thread pool, `--threads` sets torch's.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import os
 import sys
 import tempfile
@@ -40,15 +44,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_reward import (  # noqa: E402  (helpers shared by the two benchmarks)
-    PeakMemory,
     add_common_flags,
     fmt_times,
     loadavg,
     paired_ratio,
     print_header,
+    run_sides,
     setup_env,
     summarize,
-    timed_rounds,
     usable_cores,
 )
 
@@ -327,29 +330,27 @@ def main(argv=None) -> None:
     queries = [rs.randint(0, config.vocab_size, (args.batch, args.query)).astype(np.int32)
                for _ in range(n_iter)]
 
-    runs, info = {}, {}
+    def describe(name, i):
+        mem = f"memory +{i['peak_gb']:.2f} GB peak RSS"
+        if name == "rlhf_jax":
+            return (f"rlhf_jax: compile {i['compile_s']:.2f} s; first iteration "
+                    f"{i['first_s']:.2f} s; {mem} (XLA temporaries: "
+                    + ", ".join(f"{k} {v:.2f} GB" for k, v in i["xla_temp_gb"].items()) + ")")
+        return (f"torch:    first iteration {i['first_s']:.2f} s; {i['threads']} threads; "
+                f"attention {i['attn']}; {mem}")
+
+    sides = {}
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         ckpt = os.path.join(tmp, "hf")
         hf_import.save_hf_checkpoint({"transformer": policy_params["transformer"]}, config, ckpt)
         if args.only in ("both", "jax"):
-            with PeakMemory() as mem:
-                runs["rlhf_jax"], info["rlhf_jax"] = setup_jax(args, config, policy_params,
-                                                               rm_params, queries)
-            j = info["rlhf_jax"]
-            j["peak_gb"] = mem.added_gb
-            print(f"rlhf_jax: compile {j['compile_s']:.2f} s; first iteration {j['first_s']:.2f} "
-                  f"s; memory +{mem.added_gb:.2f} GB peak RSS (XLA temporaries: "
-                  + ", ".join(f"{k} {v:.2f} GB" for k, v in j["xla_temp_gb"].items()) + ")")
-            gc.collect()
+            sides["rlhf_jax"] = lambda info: setup_jax(args, config, policy_params, rm_params,
+                                                       queries)
         if args.only in ("both", "torch"):
-            with PeakMemory() as mem:
-                runs["torch"], info["torch"] = setup_torch(
-                    args, ckpt, rm_head, queries, info.get("rlhf_jax", {}).get("first_rollout"))
-            t = info["torch"]
-            t["peak_gb"] = mem.added_gb
-            print(f"torch:    first iteration {t['first_s']:.2f} s; {t['threads']} threads; "
-                  f"attention {t['attn']}; memory +{mem.added_gb:.2f} GB peak RSS")
-    rounds = timed_rounds(runs, args, first_index=1)
+            sides["torch"] = lambda info: setup_torch(
+                args, ckpt, rm_head, queries, info.get("rlhf_jax", {}).get("first_rollout"))
+        rounds, info = run_sides(sides, args, describe)
+    runs = list(rounds)
     print(f"load average at end: {loadavg()}")
     for name in runs:
         print(f"{name:9s} wall s: {fmt_times(rounds[name]['wall'])}   cpu s: "
@@ -390,9 +391,9 @@ def main(argv=None) -> None:
         rj, rt = res["rlhf_jax"], res["torch"]
         ratio_med = rj["rate_median"] / rt["rate_median"]
         ratio_best = rj["rate_best"] / rt["rate_best"]
-        paired = paired_ratio(rounds)
+        paired = "n/a" if args.sequential else f"{paired_ratio(rounds):.2f}x"
         print(f"ratio rlhf_jax/torch episodes/s: {ratio_med:.2f}x (medians), {ratio_best:.2f}x "
-              f"(bests), {paired:.2f}x (median of per-round ratios); CPU s ratio torch/rlhf_jax "
+              f"(bests), {paired} (median of per-round ratios); CPU s ratio torch/rlhf_jax "
               f"{rt['cpu_median_s'] / rj['cpu_median_s']:.2f}x")
         pj, pt = ph["rlhf_jax"], ph["torch"]
         print()
@@ -402,13 +403,15 @@ def main(argv=None) -> None:
               "| peak RSS GB torch / rlhf_jax | jax compile s |")
         print(f"| {args.model} | {args.batch} | {args.query} | {args.response} "
               f"| {rt['median_s']:.1f} | {rj['median_s']:.1f} | {rt['rate_median']:.3f} "
-              f"| {rj['rate_median']:.3f} | {ratio_med:.2f}x | {paired:.2f}x "
+              f"| {rj['rate_median']:.3f} | {ratio_med:.2f}x | {paired} "
               f"| {pt['rollout']:.1f} / {pj['rollout']:.1f} | {pt['update']:.1f} / {pj['update']:.1f} "
               f"| {rt['cpu_median_s']:.1f} / {rj['cpu_median_s']:.1f} "
               f"| {info['torch']['peak_gb']:.1f} / {info['rlhf_jax']['peak_gb']:.1f} "
               f"| {info['rlhf_jax']['compile_s']:.0f} |")
     print(f"({args.batch} episodes per iteration; episodes/s = batch / wall time of one iteration; "
-          f"medians over {args.repeats} rounds; CPU s = process CPU time, all threads)")
+          f"medians over {args.repeats} rounds"
+          f"{', sides timed one after the other' if args.sequential else ', sides alternating'}; "
+          f"CPU s = process CPU time, all threads)")
 
 
 if __name__ == "__main__":

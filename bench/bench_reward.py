@@ -19,7 +19,8 @@ sequences of query + response tokens through the trunk, forward and backward.
 Both sides train on the same random token batches (no pads); the first step's losses must agree
 (printed). JAX compile time and each side's first step are reported apart. Then `--warmup`
 untimed rounds and `--repeats` timed rounds; in each round both sides take one step, alternating
-(and swapping order every round), so on a shared, loaded machine both see the same load. Wall
+(and swapping order every round), so on a shared, loaded machine both see the same load
+(`--sequential`: one side after the other, the first freed before the second starts). Wall
 and process CPU seconds (all threads) are recorded per step, and each side's peak resident
 memory. labels/s = batch / wall seconds of one step.
 
@@ -76,6 +77,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rlhf-jax-root", default=None,
                    help="import rlhf_jax from DIR/rlhf_jax instead of this checkout (to measure "
                         "an experimental copy)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time all of one side's rounds, free it, then the other's: peak memory "
+                        "of one side instead of both, but the sides no longer share the load")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=("both", "torch", "jax"), default="both",
                    help="run one side only (the ratio needs both)")
@@ -203,6 +207,31 @@ def timed_rounds(runs: dict, args, first_index: int) -> dict:
             out[name]["phases"].append(phases or {})
         i += 1
     return out
+
+
+def run_sides(sides: dict, args, describe) -> tuple[dict, dict]:
+    """Sets up each side and times `repeats` rounds; returns (rounds, info) keyed by side.
+
+    `sides[name](info)` builds a side and takes its first step (it may read the info of sides
+    set up before it) and returns (run, side_info); `describe(name, side_info)` is printed after
+    it. By default every side is set up first and the timed calls alternate (`timed_rounds`);
+    with `--sequential` each side is timed alone and freed before the next is set up.
+    """
+    runs, info, rounds = {}, {}, {}
+    for name, setup in sides.items():
+        with PeakMemory() as mem:
+            run, info[name] = setup(info)
+        info[name]["peak_gb"] = mem.added_gb
+        print(describe(name, info[name]))
+        if args.sequential:
+            rounds.update(timed_rounds({name: run}, args, first_index=1))
+            del run
+        else:
+            runs[name] = run
+        gc.collect()
+    if not args.sequential:
+        rounds = timed_rounds(runs, args, first_index=1)
+    return rounds, info
 
 
 def summarize(rounds: dict, items: int) -> dict:
@@ -391,27 +420,24 @@ def main(argv=None) -> None:
     head_np = {"kernel": params["reward_head"]["kernel"], "bias": params["reward_head"]["bias"],
                "gain": params["reward_norm"]["gain"], "norm_bias": params["reward_norm"]["bias"]}
 
-    runs, info = {}, {}
+    def describe(name, i):
+        mem = f"memory +{i['peak_gb']:.2f} GB peak RSS"
+        if name == "rlhf_jax":
+            return (f"rlhf_jax: compile {i['compile_s']:.2f} s; first step {i['first_s']:.2f} s; "
+                    f"{mem} (XLA temporaries {i.get('xla_temp_gb', float('nan')):.2f} GB)")
+        return (f"torch:    first step {i['first_s']:.2f} s; {i['threads']} threads; attention "
+                f"{i['attn']}; {mem}")
+
+    sides = {}
     with tempfile.TemporaryDirectory(prefix="bench-reward-") as tmp:
         ckpt = os.path.join(tmp, "hf")
         hf_import.save_hf_checkpoint({"transformer": params["transformer"]}, config, ckpt)
         if args.only in ("both", "jax"):
-            with PeakMemory() as mem:
-                runs["rlhf_jax"], info["rlhf_jax"] = setup_jax(args, config, params, batches)
-            info["rlhf_jax"]["peak_gb"] = mem.added_gb
-            j = info["rlhf_jax"]
-            print(f"rlhf_jax: compile {j['compile_s']:.2f} s; first step {j['first_s']:.2f} s; "
-                  f"memory +{mem.added_gb:.2f} GB peak RSS (XLA temporaries "
-                  f"{j.get('xla_temp_gb', float('nan')):.2f} GB)")
-            gc.collect()
+            sides["rlhf_jax"] = lambda info: setup_jax(args, config, params, batches)
         if args.only in ("both", "torch"):
-            with PeakMemory() as mem:
-                runs["torch"], info["torch"] = setup_torch(args, ckpt, head_np, batches)
-            info["torch"]["peak_gb"] = mem.added_gb
-            t = info["torch"]
-            print(f"torch:    first step {t['first_s']:.2f} s; {t['threads']} threads; attention "
-                  f"{t['attn']}; memory +{mem.added_gb:.2f} GB peak RSS")
-    rounds = timed_rounds(runs, args, first_index=1)
+            sides["torch"] = lambda info: setup_torch(args, ckpt, head_np, batches)
+        rounds, info = run_sides(sides, args, describe)
+    runs = list(rounds)
     print(f"load average at end: {loadavg()}")
     for name in runs:
         print(f"{name:9s} wall s: {fmt_times(rounds[name]['wall'])}   cpu s: "
@@ -435,9 +461,9 @@ def main(argv=None) -> None:
         rj, rt = res["rlhf_jax"], res["torch"]
         ratio_med = rj["rate_median"] / rt["rate_median"]
         ratio_best = rj["rate_best"] / rt["rate_best"]
-        paired = paired_ratio(rounds)
+        paired = "n/a" if args.sequential else f"{paired_ratio(rounds):.2f}x"
         print(f"ratio rlhf_jax/torch labels/s: {ratio_med:.2f}x (medians), {ratio_best:.2f}x "
-              f"(bests), {paired:.2f}x (median of per-round ratios); CPU s ratio torch/rlhf_jax "
+              f"(bests), {paired} (median of per-round ratios); CPU s ratio torch/rlhf_jax "
               f"{rt['cpu_median_s'] / rj['cpu_median_s']:.2f}x")
         print()
         print("| model | batch (labels) | query | response | torch labels/s | rlhf_jax labels/s "
@@ -445,12 +471,13 @@ def main(argv=None) -> None:
               "| peak RSS GB torch / rlhf_jax | jax compile s |")
         print(f"| {args.model} | {args.batch} | {args.query} | {args.response} "
               f"| {rt['rate_median']:.3f} | {rj['rate_median']:.3f} | {ratio_med:.2f}x "
-              f"| {paired:.2f}x | {rt['cpu_median_s']:.1f} / {rj['cpu_median_s']:.1f} "
+              f"| {paired} | {rt['cpu_median_s']:.1f} / {rj['cpu_median_s']:.1f} "
               f"| {info['torch']['peak_gb']:.1f} / {info['rlhf_jax']['peak_gb']:.1f} "
               f"| {info['rlhf_jax']['compile_s']:.0f} |")
     print(f"({args.batch} labels = {seqs} sequences per step; labels/s = batch / wall time of one "
-          f"train step; medians over {args.repeats} rounds; CPU s = process CPU time of one step, "
-          f"all threads)")
+          f"train step; medians over {args.repeats} rounds"
+          f"{', sides timed one after the other' if args.sequential else ', sides alternating'}; "
+          f"CPU s = process CPU time of one step, all threads)")
 
 
 if __name__ == "__main__":

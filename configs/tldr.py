@@ -25,7 +25,7 @@ ROUGE, novelty and copying of samples:
       --plot report.png
 CPU smoke run: the tiny random GPT-2; the builtin passages as posts, one sentence per paragraph,
 with their first sentence as the reference ("builtin:lead"); queries of 128 and responses of 32
-tokens so that everything fits the tiny model's 256 positions (about a minute on 2 cores):
+tokens so that everything fits the tiny model's 256 positions (1-2 minutes on 2 cores):
   python -m rlhf_jax.train_sft --config configs/tldr.py:runlocal --workdir /tmp/tldr_sft
 
 Arguments: model=<124M|355M|774M|1.5B>, runlocal.

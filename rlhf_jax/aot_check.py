@@ -18,8 +18,12 @@ and lowered on abstract inputs (no weights are read, `config.model.checkpoint` i
 Each program's per-device memory comes from the TPU compiler. Train_policy also holds arrays a
 program does not take as arguments (the train state during the rollout, the frozen reference and
 reward models during the update, the last iteration's outputs), so each row adds those
-"resident" bytes; the largest sum must fit in the HBM the compiler allows per device. FLOPs are
-the compiled ones, per device, next to the analytic model FLOPs of `rlhf_jax.flops`.
+"resident" bytes; the largest sum must fit in the HBM the compiler allows per device.
+
+FLOPs: the analytic model FLOPs of one PPO iteration (`rlhf_jax.flops`, what MFU uses), and the
+compiler's cost analysis per program and device. The latter counts every loop body once (the
+decode loop, the epochs x minibatches loop, and loops XLA itself adds for collective matmuls on
+multi-host slices, e.g. half the FLOPs on v5e:2x4), so it is for comparing programs only.
 
 Exit status 0 if everything fits, 1 if not ("needs X GiB per device, has Y GiB"), 2 on bad
 input (a topology that is not one, a batch the devices do not divide, libtpu missing).
@@ -80,6 +84,10 @@ class DoesNotFitError(RuntimeError):
     """The run needs more memory per device than the device has."""
 
 
+class LibtpuMissingError(RuntimeError):
+    """libtpu, needed to compile for a TPU topology, is not installed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Topology:
     """A TPU slice: generation and chip grid ("v5e", (2, 4))."""
@@ -122,16 +130,17 @@ def parse_topology(text: str) -> Topology:
 
 
 def require_libtpu() -> None:
-    """Raises RuntimeError telling the user to `pip install libtpu` when it is missing."""
+    """Raises LibtpuMissingError, saying to `pip install libtpu`, when it is missing."""
     if importlib.util.find_spec("libtpu") is None:
-        raise RuntimeError(LIBTPU_MISSING)
+        raise LibtpuMissingError(LIBTPU_MISSING)
 
 
 def topology_devices(topology: Topology) -> list:
     """libtpu's compile-only devices of a TPU slice (no TPU needed)."""
     require_libtpu()
-    # libtpu looks for a TPU VM's metadata when it loads and warns at length when there is
-    # none; these values quiet it and do not affect compiling for the requested topology.
+    # libtpu looks for a TPU VM's metadata when it loads and logs errors when there is none;
+    # these values quiet most of that (one "could not determine TPU accelerator type" line
+    # stays) and do not affect compiling for the requested topology.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     # Compile-only devices never open a TPU, so the lock libtpu takes against a second process
@@ -189,7 +198,9 @@ class ProgramReport:
             alias bytes are outputs that reuse donated arguments.
         resident_bytes: arrays train_policy holds while this program runs that are not its
             arguments (see `build_ppo`).
-        flops: compiled FLOPs per device (`cost_analysis()`).
+        flops: FLOPs per device from the compiler's `cost_analysis()`. XLA counts each loop
+            body once, so loops (sampling steps, PPO epochs and minibatches, and the loops it
+            adds itself for collective matmuls on multi-host slices) are undercounted.
         compile_seconds: wall time of `.lower().compile()`.
         oom_bytes: when the compiler refused the program for lack of memory, what it said the
             program alone needs; the byte counts above are then 0.
@@ -250,18 +261,12 @@ class Report:
     def fits(self) -> bool | None:
         return None if self.hbm_bytes is None else self.margin_bytes >= 0
 
-    @property
-    def compiled_ppo_flops(self) -> float:
-        """Compiled FLOPs of one PPO iteration, summed over devices."""
-        return self.num_devices * sum(p.flops for p in self.programs if p.name in PPO_PROGRAMS)
-
     def to_dict(self) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "programs"}
         out["programs"] = [dict(dataclasses.asdict(p), program_bytes=p.program_bytes,
                                 total_bytes=p.total_bytes) for p in self.programs]
         out |= {"peak_program": self.peak.name, "peak_bytes": self.peak_bytes,
-                "margin_bytes": self.margin_bytes, "fits": self.fits,
-                "compiled_ppo_flops": self.compiled_ppo_flops}
+                "margin_bytes": self.margin_bytes, "fits": self.fits}
         return out
 
 
@@ -289,8 +294,9 @@ def check_report(report: Report) -> None:
 def format_report(report: Report) -> str:
     """The human-readable table printed by the CLI."""
     g = lambda b: f"{b / GIB:7.2f}"  # noqa: E731
+    n = max(report.num_devices, 1)
     head = (f"{'program':<14}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'program':>9}"
-            f"{'+resid.':>9}{'=total':>9}{'TFLOP/dev':>11}{'compile':>9}")
+            f"{'+resid.':>9}{'=total':>9}{'XLA TFLOP':>11}{'compile':>9}")
     lines = [
         f"{report.model or 'config'} on {report.topology}: {report.num_devices} x "
         f"{report.device_kind}, mesh {report.mesh}",
@@ -319,10 +325,13 @@ def format_report(report: Report) -> str:
                      f"{report.margin_bytes / GIB:+.2f} GiB)")
     a = report.analytic
     if a:
-        lines.append(f"FLOPs per PPO iteration: compiled {report.compiled_ppo_flops:.3e} (all "
-                     f"devices), analytic model FLOPs {a['total']:.3e} (sample {a['sample']:.2e}, "
-                     f"reference {a['reference']:.2e}, reward {a['reward']:.2e}, update "
-                     f"{a['update']:.2e})")
+        parts = ", ".join(f"{k} {a[k]:.2e}" for k in ("sample", "value", "reference", "reward",
+                                                        "update"))
+        lines.append(f"model FLOPs per PPO iteration: {a['total']:.3e} ({a['total'] / n:.3e} "
+                     f"per device): {parts}")
+    lines.append("XLA TFLOP: the compiler's cost analysis per device, which counts every loop "
+                 "body once (decode steps, epochs x minibatches, and the loops XLA adds for "
+                 "collective matmuls on multi-host slices): compare programs with it, not MFU")
     return "\n".join(lines)
 
 
@@ -513,8 +522,9 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
 
     Args:
         config: a run config (as `configs/*.py:get_config` returns).
-        topology: a TPU topology ("v5e:2x4"), or "cpu" for this machine's CPU devices (no
-            libtpu needed; the memory limit is then only what `hbm_bytes` says).
+        topology: a TPU topology ("v5e:2x4"); "cpu" for this machine's CPU devices (no libtpu
+            needed; the memory limit is then only what `hbm_bytes` says); or "local" for
+            `jax.devices()`, e.g. on a TPU VM before a run starts.
         programs: which of ALL_PROGRAMS to compile.
         hbm_bytes: overrides the per-device memory limit (e.g. to keep headroom).
         log: called with a line of progress per compiled program.
@@ -524,7 +534,7 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
 
     Raises:
         TopologyError: a topology string that is not one.
-        RuntimeError: libtpu is missing.
+        LibtpuMissingError: libtpu is missing.
         ValueError: a batch size the mesh does not divide, or another bad config field.
     """
     unknown = set(programs) - set(ALL_PROGRAMS)
@@ -532,6 +542,8 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
         raise ValueError(f"unknown programs {sorted(unknown)}; known: {', '.join(ALL_PROGRAMS)}")
     if topology == "cpu":
         devices = jax.devices("cpu")
+    elif topology == "local":
+        devices = jax.devices()
     else:
         devices = topology_devices(parse_topology(topology))
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
@@ -563,16 +575,17 @@ def main(argv):
     del argv
     from absl import flags
 
-    # Only libtpu's compile-only devices and the CPU are needed: never claim a real TPU (on a
-    # TPU VM that would contend with a training run).
-    jax.config.update("jax_platforms", "cpu")
     f = flags.FLAGS
+    if f.topology != "local":
+        # Only libtpu's compile-only devices and the CPU are needed: never claim a real TPU (on
+        # a TPU VM that would contend with a training run).
+        jax.config.update("jax_platforms", "cpu")
     programs = [p.strip() for p in f.programs.split(",") if p.strip()]
     hbm = None if f.hbm_gib is None else int(f.hbm_gib * GIB)
     try:
         report = run_check(f.config, f.topology, programs, hbm,
                            log=lambda s: print(s, file=sys.stderr, flush=True))
-    except (TopologyError, ValueError, RuntimeError) as e:
+    except (TopologyError, LibtpuMissingError, ValueError) as e:
         print(f"aot_check: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     report.command = " ".join(["python -m rlhf_jax.aot_check"] + sys.argv[1:])
@@ -593,7 +606,8 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                     lock_config=True)
-    flags.DEFINE_string("topology", None, f"TPU topology, e.g. {TOPOLOGY_EXAMPLES}; or 'cpu'.")
+    flags.DEFINE_string("topology", None, f"TPU topology, e.g. {TOPOLOGY_EXAMPLES}; 'cpu'; or "
+                        "'local' (jax.devices()).")
     flags.DEFINE_string("programs", ",".join(ALL_PROGRAMS), "Comma-separated programs.")
     flags.DEFINE_float("hbm_gib", None, "Per-device memory limit in GiB (default: the compiler's).")
     flags.DEFINE_string("json", None, "Also write the report as JSON here.")

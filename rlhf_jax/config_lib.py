@@ -286,7 +286,7 @@ def sft_tiny_overrides(config: ml_collections.ConfigDict) -> None:
     """`:runlocal` SFT sizes: the tiny random GPT-2 learns words and periods in ~1-2 min on CPU.
 
     A random model needs a far larger step than pretrained GPT-2: 3e-3 with a short warm-up
-    (on the builtin corpus, 150k tokens: 2e-3 and 5e-3 ended 0.3 nats worse on held-out text,
+    (on the builtin corpus, 150k tokens: 2e-3 and 5e-3 ended 0.2-0.3 nats worse on held-out text,
     6e-3 and 1e-2 stalled at the unigram level). Batch 8 x 300 steps beat 16 x 150 by 0.15 nats.
     """
     if "sft" in config:

@@ -27,7 +27,8 @@ OOM_MESSAGE = (
 
 
 def load_config(arg="runlocal", name="sentiment"):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", f"{name}.py"))
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location("cfg", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
@@ -61,7 +62,7 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "libtpu" else real(name, *a))
-    with pytest.raises(RuntimeError, match="pip install libtpu"):
+    with pytest.raises(aot_check.LibtpuMissingError, match="pip install libtpu"):
         aot_check.topology_devices(aot_check.parse_topology("v5e:2x2"))
 
 
@@ -96,7 +97,8 @@ def _fake_report(hbm_gib=15.75):
     return aot_check.Report(
         topology="v5e:2x4", device_kind="TPU v5 lite", num_devices=8,
         mesh={"data": 1, "fsdp": 8}, hbm_bytes=int(hbm_gib * GIB), programs=programs,
-        analytic={"sample": 1.0, "reference": 2.0, "reward": 3.0, "update": 4.0, "total": 10.0},
+        analytic={"sample": 1.0, "value": 0.0, "reference": 2.0, "reward": 3.0, "update": 4.0,
+                  "total": 10.0},
         model="774M")
 
 
@@ -109,10 +111,10 @@ def test_report_arithmetic_and_table():
     assert reward.total_bytes == 15 * GIB  # refused by the compiler: what it said it needs
     assert report.peak.name == "reward_train" and report.fits
     assert report.margin_bytes == pytest.approx(0.75 * GIB, abs=1)
-    assert report.compiled_ppo_flops == 8 * 4e12  # reward programs are not part of an iteration
     table = aot_check.format_report(report)
     assert "fits: yes (margin +0.75 GiB)" in table
     assert "refused by the compiler" in table
+    assert "model FLOPs per PPO iteration: 1.000e+01 (1.250e+00 per device)" in table
     assert report.to_dict()["peak_program"] == "reward_train"
     aot_check.check_report(report)
 
@@ -158,6 +160,20 @@ def test_cli_bad_topology_exits_2():
     out = _cli("--topology", "v5e:3")
     assert out.returncode == 2, out.stderr
     assert "a v5e chip grid has 2 dimensions" in out.stderr
+
+
+def test_cli_batch_the_devices_do_not_divide_exits_2():
+    out = _cli("--topology", "cpu", "--config.ppo.batch_size=36")
+    assert out.returncode == 2, out.stderr
+    assert "ppo.batch_size=36 is not divisible by the 8 devices" in out.stderr
+
+
+def test_cli_does_not_fit_exits_1():
+    """The smallest program against a made-up 0.01 GiB device: the table, then the number."""
+    out = _cli("--topology", "cpu", "--programs=to_rollout", "--hbm_gib=0.01")
+    assert out.returncode == 1, out.stderr
+    assert "fits: NO" in out.stdout
+    assert "needs" in out.stderr and "GiB per device, has 0.01 GiB" in out.stderr
 
 
 # -- compiling -----------------------------------------------------------------------------------
