@@ -4,6 +4,11 @@ The original `launch.py` experiment `sentiment`: GPT-2 124M, best-of-4 labels fr
 `sentiment/offline_5k.json` (4,992 for training), a reward model trained for one epoch, then PPO
 for 1M episodes at batch 512 with an adaptive KL coefficient (start 0.15, target 6 nats).
 
+The paper started these tasks from GPT-2 fine-tuned on BookCorpus, which the released code
+skipped (spec §2.4). `config.sft` (mode "lm", the task's book passages) reproduces that step:
+  python -m rlhf_jax.train_sft --config configs/sentiment.py --workdir runs/sentiment_sft \
+      --config.task.query_dataset=/data/books/{split}.jsonl
+  then add --config.model.checkpoint=runs/sentiment_sft/hf_model to the commands below.
 Reward model only:
   python -m rlhf_jax.train_reward --config configs/sentiment.py --workdir runs/sentiment_rm \
       --config.labels.path=/data/labels/sentiment/offline_5k.json
@@ -33,7 +38,9 @@ def get_config(arg=None):
     config.labeler = config_lib.labeler_config("vader")
     config.rewards = config_lib.reward_config()
     config.ppo = config_lib.ppo_config()
+    config.sft = config_lib.sft_config(mode="lm")
     config_lib.runtime_config(config)
     if arg.runlocal:
         config_lib.tiny_overrides(config)
+        config_lib.sft_tiny_overrides(config)
     return config

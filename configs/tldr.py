@@ -43,8 +43,6 @@ def get_config(arg=None):
     config.model = config_lib.model_config(arg.model, config_lib.hf_name(arg.model))
     config.task = config_lib.summarize_task(
         query_dataset="tfds:reddit", query_prefix="", end_text=None, temperature=0.7)
-    config.task.query_data_dir = ""  # tfds data_dir; "" = tfds's default
-    config.task.query_max_texts = 200_000
     # online_45k holds labels collected online during the original's 774M runs; launch.py keeps
     # offline_60k (num_train 60000) as a commented-out alternative.
     config.labels = config_lib.labels_config(LABELS + "tldr/online_45k.json", num_train=46000)

@@ -508,11 +508,7 @@ def _compile(pending: _Pending, mesh, rules) -> ProgramReport:
 
 def analytic_flops(config: ml_collections.ConfigDict, spec: tasks.TaskSpec) -> dict[str, float]:
     """`flops.ppo_iteration_flops` for a config."""
-    p = config.ppo
-    return flops.ppo_iteration_flops(
-        experiment.gpt2_config(config), p.batch_size, spec.query_length, spec.response_length,
-        p.noptepochs, context_len=spec.context_length,
-        separate_value=p.value_model == "separate")
+    return flops.ppo_config_flops(experiment.gpt2_config(config), config.ppo, spec)
 
 
 def run_check(config: ml_collections.ConfigDict, topology: str,

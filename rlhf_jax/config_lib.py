@@ -110,6 +110,8 @@ def books_task(**kw) -> ml_collections.ConfigDict:
         penalty_reward_value=-1.0,
         temperature=0.7,
         query_dataset="builtin",
+        query_data_dir="",
+        query_max_texts=0,
         query_shuffle_seed=0,
     )
     task.update(kw)
@@ -139,6 +141,11 @@ def summarize_task(**kw) -> ml_collections.ConfigDict:
         penalty_reward_value=-1.0,
         temperature=0.7,
         query_dataset="",
+        # tfds data_dir of the prepared array_record dataset ("" = tfds's default).
+        query_data_dir="",
+        # Queries come from the first this many usable texts (0 = all). Every host encodes them
+        # all once at start-up, which for TL;DR's 3.6M posts would take hours.
+        query_max_texts=200_000,
         query_shuffle_seed=0,
     )
     task.update(kw)
@@ -177,10 +184,12 @@ def labels_config(path: str = "", type: str = "best_of_4", num_train: int = 4992
 def labeler_config(kind: str = "vader", **kw) -> ml_collections.ConfigDict:
     """A mock labeler for `python -m rlhf_jax.label` (no humans needed).
 
-    kind: "vader" (VADER compound sentiment of the response). temperature 0 picks the argmax;
-    > 0 chooses like a Boltzmann-rational human (softmax of score / temperature). Queries are
-    read from the task's query stream starting at step `query_offset`, away from the steps that
-    reward normalisation and PPO read first.
+    kind: "vader" (VADER compound sentiment of the response), "copying" (prefers sentences
+    copied from the article, as the paper's summary labelers did) or "rouge" (prefers ROUGE-L
+    closeness to the reference summary; summarization sources only). temperature 0 picks the
+    argmax; > 0 chooses like a Boltzmann-rational human (softmax of score / temperature).
+    Queries are read from the task's query stream starting at step `query_offset`, away from the
+    steps that reward normalisation and PPO read first.
     """
     cfg = dict(kind=kind, temperature=0.0, field="response", seed=0, rollout_batch_size=64,
                query_offset=100_000)

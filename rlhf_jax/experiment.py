@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import models, sharding
-from rlhf_jax.data import sources, tasks
+from rlhf_jax.data import summarization, tasks
 from rlhf_jax.models import hf_import
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ def tokenizer(config: ml_collections.ConfigDict):
     return get_tokenizer(config.model.tokenizer)
 
 
+def _optional_text(value: str | None) -> str | None:
+    # `--config.task.end_text=None` arrives as the string "None" (the field is typed str so
+    # that it can be set from the command line at all); it means "no end text".
+    return None if value in (None, "None") else value
+
+
 def task_spec(config: ml_collections.ConfigDict, tok, gpt_cfg: models.GPT2Config) -> tasks.TaskSpec:
     """The token-level task settings; texts such as start_text are encoded here."""
     t = config.task
@@ -68,8 +74,8 @@ def task_spec(config: ml_collections.ConfigDict, tok, gpt_cfg: models.GPT2Config
         tok,
         query_length=t.query_length,
         response_length=t.response_length,
-        start_text=t.start_text,
-        end_text=t.end_text,
+        start_text=_optional_text(t.start_text),
+        end_text=_optional_text(t.end_text),
         query_prefix=t.query_prefix,
         query_suffix=t.query_suffix,
         pad_id=gpt_cfg.pad_id,
@@ -87,11 +93,19 @@ def task_spec(config: ml_collections.ConfigDict, tok, gpt_cfg: models.GPT2Config
     return spec
 
 
+def query_texts(config: ml_collections.ConfigDict, split: str = "train") -> list[str]:
+    """The raw texts of `config.task.query_dataset`: a book corpus, a file, or the articles of
+    a summarization source ("tfds:reddit", "tfds:cnn_dailymail", "jsonl:...", "builtin:lead")."""
+    t = config.task
+    return summarization.corpus_texts(t.query_dataset, split, t.get("query_data_dir", ""),
+                                      t.get("query_max_texts", 0))
+
+
 def query_dataset(config: ml_collections.ConfigDict, tok, spec: tasks.TaskSpec,
                   split: str = "train") -> tasks.QueryDataset:
     """The query stream of `config.task.query_dataset`, a pure function of (seed, step)."""
-    texts = sources.load_texts(config.task.query_dataset, split)
-    return tasks.QueryDataset(texts, tok, spec, shuffle_seed=config.task.query_shuffle_seed)
+    return tasks.QueryDataset(query_texts(config, split), tok, spec,
+                              shuffle_seed=config.task.query_shuffle_seed)
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):

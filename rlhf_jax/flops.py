@@ -188,6 +188,36 @@ def ppo_iteration_flops(gpt2_config: GPT2Config, batch: int, query_len: int, res
     return out
 
 
+def ppo_config_flops(gpt2_config: GPT2Config, ppo, spec,
+                     reward_config: GPT2Config | None = None) -> dict[str, float]:
+    """`ppo_iteration_flops` of a run: `ppo` is `config.ppo`, `spec` its `tasks.TaskSpec`."""
+    return ppo_iteration_flops(
+        gpt2_config, ppo.batch_size, spec.query_length, spec.response_length, ppo.noptepochs,
+        context_len=spec.context_length, reward_config=reward_config,
+        separate_value=ppo.value_model == "separate")
+
+
+class Throughput:
+    """The `perf/*` metrics of a training step: tokens/s, model TFLOP/s per device and MFU.
+
+    MFU is left out where the device kind has no known peak (CPUs, unlisted GPUs).
+    """
+
+    def __init__(self, flops_per_step: float, tokens_per_step: int, device_kind: str,
+                 n_devices: int, dtype: str = "float32"):
+        self.flops, self.tokens = flops_per_step, tokens_per_step
+        self.kind, self.n, self.dtype = device_kind, n_devices, dtype
+
+    def __call__(self, seconds: float) -> dict[str, float]:
+        seconds = max(seconds, 1e-9)
+        out = {"perf/step_seconds": seconds, "perf/tokens_per_sec": self.tokens / seconds,
+               "perf/model_tflops_per_sec_per_device": self.flops / seconds / self.n / 1e12}
+        util = mfu(self.flops, seconds, self.kind, self.n, self.dtype)
+        if util is not None:
+            out["perf/mfu"] = util
+        return out
+
+
 def ppo_iteration_tokens(batch: int, context_len: int, response_len: int) -> int:
     """Tokens of one PPO iteration, for `perf/tokens_per_sec`: every rollout's full sequence."""
     return batch * (context_len + response_len)

@@ -22,22 +22,49 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import experiment, label_types, labelers, runtime, sampling, sharding
+from rlhf_jax import (
+    experiment,
+    label_types,
+    labelers,
+    runtime,
+    sampling,
+    sharding,
+    summary_scorers,
+)
 from rlhf_jax.data import labels as labels_lib
-from rlhf_jax.data import tasks
+from rlhf_jax.data import summarization, tasks
 
 logger = logging.getLogger(__name__)
 
 
-def make_scorer(cfg: ml_collections.ConfigDict) -> labelers.Scorer:
-    """The mock labeler's scorer named by `config.labeler.kind`."""
-    if cfg.kind == "vader":
-        return labelers.VaderSentimentScorer(cfg.field)
-    if cfg.kind == "copying":
-        from rlhf_jax.summary_scorers import CopyingScorer
+def make_scorer(config: ml_collections.ConfigDict, tok=None, spec=None) -> labelers.Scorer:
+    """The mock labeler's scorer named by `config.labeler.kind`.
 
-        return CopyingScorer()
-    raise ValueError(f"labeler.kind={cfg.kind!r}: known kinds are 'vader' and 'copying'")
+    "vader": VADER compound sentiment of `labeler.field`. "copying": prefers responses made of
+    sentences copied from the article (`summary_scorers.CopyingScorer`). "rouge": prefers
+    responses closer to the article's reference summary by ROUGE-L (needs a summarization
+    query dataset, and `tok` and `spec` to match decoded queries to their references).
+    """
+    kind = config.labeler.kind
+    if kind == "vader":
+        return labelers.VaderSentimentScorer(config.labeler.field)
+    if kind == "copying":
+        return summary_scorers.CopyingScorer()
+    if kind == "rouge":
+        t = config.task
+        if not summarization.is_summarization_source(t.query_dataset):
+            raise ValueError(f"labeler.kind='rouge' needs reference summaries, but "
+                             f"task.query_dataset={t.query_dataset!r} has none; use tfds:..., "
+                             "jsonl:... or builtin:lead")
+        refs = {}
+        items = summarization.texts_and_references(t.query_dataset, "train", t.query_data_dir,
+                                                   t.query_max_texts)
+        for article, ref in items:
+            query = tasks.make_query(tok.encode(article), spec)
+            if query is not None:  # keyed by the query as the labeler sees it: decoded tokens
+                refs[labelers.decode_tokens(tok, query[None], spec.pad_id)[0]] = ref
+        return summary_scorers.RougeToReferenceScorer(refs)
+    raise ValueError(f"labeler.kind={kind!r}: known kinds are 'vader', 'copying' and 'rouge'")
 
 
 def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels: int = 0) -> dict:
@@ -63,7 +90,7 @@ def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels
     tok = experiment.tokenizer(config)
     spec = experiment.task_spec(config, tok, gpt_cfg)
     dataset = experiment.query_dataset(config, tok, spec)
-    labeler = labelers.BestOfNLabeler(make_scorer(lab), lab.temperature, seed=lab.seed)
+    labeler = labelers.BestOfNLabeler(make_scorer(config, tok, spec), lab.temperature, seed=lab.seed)
     n = label_type.num_samples
     trunk_sharding = {"transformer": sharding.param_shardings(gpt_cfg, (), mesh, rules)["transformer"]}
     ref = jax.device_put({"transformer": experiment.initial_trunk(config, gpt_cfg)}, trunk_sharding)

@@ -1,17 +1,23 @@
-r"""The mock sentiment experiment end to end on a CPU, from nothing.
+r"""A mock experiment end to end on a CPU, from nothing: SFT, mock labels, reward model, PPO.
 
-  python -m rlhf_jax.quickstart --workdir /tmp/quickstart
+  python -m rlhf_jax.quickstart --workdir /tmp/quickstart              # sentiment (VADER)
+  python -m rlhf_jax.quickstart --task tldr --workdir /tmp/qs_tldr     # summaries ("copying")
 
 Stages (each resumable; rerunning the command skips what is done):
 1. `sft/`: a tiny random GPT-2 (real GPT-2 vocabulary) is fine-tuned on the bundled book
-   passages, so that it writes words and sentences (the paper's style tasks also started from a
-   book-fine-tuned model);
-2. `labels.json`: mock best-of-4 labels: a VADER sentiment labeler picks the best of 4 samples of
-   that model, as the paper's mock sentiment experiment did with a classifier;
+   passages so that it writes words and sentences: for `sentiment` as a language model (the
+   paper's style tasks started from a book-fine-tuned model), for `tldr` as a summarizer of the
+   passages ("builtin:lead": the first sentence is the reference summary);
+2. `labels.json`: mock best-of-4 labels: a scorer picks the best of 4 samples of that model, as
+   the paper's mock sentiment experiment did with a classifier. `sentiment`: VADER sentiment;
+   `tldr`: the "copying" labeler, which prefers sentences copied from the article, as the
+   paper's human labelers of summaries ended up doing (spec §8);
 3. `reward/`: the reward model, trained on those labels and normalised;
-4. `policy/`: PPO against the reward model, with the adaptive KL penalty;
+4. `policy/`: PPO against the reward model;
 5. `before_after.md`, `summary.json`: samples of the initial and the trained policy on held-out
-   queries, scored by the VADER labeler itself (not by the learned reward).
+   queries, judged by the mock labeler's own metric (not by the learned reward): the mean VADER
+   score, or the novelty of the summaries' n-grams (lower = more copying) and their copying
+   score, with ROUGE against the references.
 """
 
 from __future__ import annotations
@@ -26,31 +32,33 @@ import numpy as np
 from absl import app, flags
 
 from rlhf_jax import (
-    config_lib,
     experiment,
     label,
     labelers,
     runtime,
     sample,
+    summary_metrics,
+    summary_scorers,
     train_policy,
     train_reward,
     train_sft,
 )
-from rlhf_jax.data import sources
+from rlhf_jax.data import summarization
 
 logger = logging.getLogger(__name__)
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "sentiment.py")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TASKS = ("sentiment", "tldr")
 
 
-def quickstart_config(workdir: str) -> ml_collections.ConfigDict:
-    """`configs/sentiment.py:runlocal` plus the quickstart's SFT stage and CPU-sized PPO."""
-    spec = importlib.util.spec_from_file_location("sentiment_config", CONFIG_FILE)
+def quickstart_config(workdir: str, task: str = "sentiment") -> ml_collections.ConfigDict:
+    """`configs/{task}.py:runlocal` with CPU-sized labels, reward model and PPO."""
+    if task not in TASKS:
+        raise ValueError(f"quickstart task {task!r}: known tasks are {', '.join(TASKS)}")
+    path = os.path.join(CONFIG_DIR, f"{task}.py")
+    spec = importlib.util.spec_from_file_location(f"{task}_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("runlocal")
-    config.sft = config_lib.sft_config()
-    config_lib.sft_tiny_overrides(config)
     config.labels.path = os.path.join(workdir, "labels.json")
     config.labels.num_train, config.labels.num_valid = 512, 128
     config.rewards.batch_size = 16
@@ -65,31 +73,72 @@ def quickstart_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def vader_scores(rows: list[dict]) -> np.ndarray:
-    scorer = labelers.VaderSentimentScorer("response")
-    return scorer([r["query"] for r in rows], [r["response"] for r in rows])
+def judge(task: str, rows: list[dict]) -> dict:
+    """The mock labeler's own metric of samples (adds per-row scores to `rows`)."""
+    queries, responses = [r["query"] for r in rows], [r["response"] for r in rows]
+    if task == "sentiment":
+        scores = labelers.VaderSentimentScorer("response")(queries, responses)
+        for row, score in zip(rows, scores):
+            row["score"] = float(score)
+        return {"vader": float(np.mean(scores))}
+    scores = summary_scorers.CopyingScorer()(queries, responses)
+    for row, score in zip(rows, scores):
+        row["score"] = float(score)
+    refs = [r.get("reference") for r in rows]
+    report = summary_metrics.summary_report(responses, queries,
+                                            refs if all(refs) else None)
+    out = {"copying_score": float(np.mean(scores)),
+           "novelty": report["novelty"], "copy_from_start_rate": report["copy_from_start_rate"],
+           "mean_words": report["mean_words"]}
+    if "rouge" in report:
+        out["rouge"] = report["rouge"]
+    return out
 
 
-def _table(before: list[dict], after: list[dict], n: int = 6) -> str:
-    lines = ["| query (end) | initial policy | VADER | trained policy | VADER |",
+def _table(before: list[dict], after: list[dict], metric: str, n: int = 6) -> str:
+    lines = [f"| query (end) | initial policy | {metric} | trained policy | {metric} |",
              "|---|---|---|---|---|"]
     clean = lambda s: s.replace("|", "/").replace("\n", " ").strip()  # noqa: E731
     for b, a in zip(before[:n], after[:n]):
-        lines.append(f"| …{clean(b['query'][-60:])} | {clean(b['response'])} | {b['vader']:.2f} "
-                     f"| {clean(a['response'])} | {a['vader']:.2f} |")
+        lines.append(f"| …{clean(b['query'][-60:])} | {clean(b['response'])} | {b['score']:.2f} "
+                     f"| {clean(a['response'])} | {a['score']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def run_quickstart(workdir: str, num_queries: int = 64) -> dict:
-    """Runs every stage; returns the summary (VADER score before and after PPO)."""
+def _novelty_text(judged: dict) -> str:
+    return ", ".join(f"{k.removeprefix('novel_').removesuffix('_pct')} "
+                     + ("n/a" if v is None else f"{v:.1f}%") for k, v in judged["novelty"].items())
+
+
+def _headline(task: str, before: dict, after: dict, n: int) -> str:
+    if task == "sentiment":
+        return (f"Mean VADER compound score of {n} samples on held-out queries: "
+                f"**{before['vader']:.3f} → {after['vader']:.3f}**.")
+    return (f"{n} summaries of held-out passages. Copying score (the labeler's): "
+            f"**{before['copying_score']:.3f} → {after['copying_score']:.3f}**. Novelty (% of the "
+            f"summaries' n-grams not in the article; lower = more copied):\n\n- initial: "
+            f"{_novelty_text(before)}\n- trained: {_novelty_text(after)}")
+
+
+def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
+                   config: ml_collections.ConfigDict | None = None) -> dict:
+    """Runs every stage; returns the summary (the labeler's metric before and after PPO).
+
+    Args:
+        workdir: where every stage writes.
+        task: "sentiment" or "tldr".
+        num_queries: held-out queries to sample before and after (2 samples each).
+        config: overrides `quickstart_config(workdir, task)` (tests shrink it).
+    """
     os.makedirs(workdir, exist_ok=True)
-    config = quickstart_config(workdir)
+    config = config or quickstart_config(workdir, task)
     sft_dir = os.path.join(workdir, "sft")
-    logger.info("[1/5] supervised fine-tuning of a tiny GPT-2 on the bundled book passages")
+    logger.info("[1/5] supervised fine-tuning of a tiny GPT-2 (%s)", config.sft.mode)
     train_sft.train_sft(config, sft_dir)
     config.model.checkpoint = os.path.join(sft_dir, train_sft.HF_MODEL_DIR)
     if not os.path.exists(config.labels.path):
-        logger.info("[2/5] mock labels: VADER picks the best of 4 samples")
+        logger.info("[2/5] mock labels: the %r labeler picks the best of 4 samples",
+                    config.labeler.kind)
         label.write_mock_labels(config, config.labels.path)
     logger.info("[3/5] reward model")
     rm_final = train_reward.train_reward(config, config.rewards.trained_model)
@@ -97,28 +146,35 @@ def run_quickstart(workdir: str, num_queries: int = 64) -> dict:
     policy_dir = os.path.join(workdir, "policy")
     last = train_policy.train_policy(config, policy_dir)
     logger.info("[5/5] samples of the initial and the trained policy on held-out queries")
-    texts = sources.load_texts(config.task.query_dataset, "test")[:num_queries]
+    t = config.task
+    items = summarization.texts_and_references(t.query_dataset, "test", t.query_data_dir,
+                                               num_queries)
+    texts = [text for text, _ in items]
+    refs = [ref for _, ref in items] if all(ref is not None for _, ref in items) else None
     gpt_cfg = experiment.gpt2_config(config)
     initial = {"transformer": experiment.initial_trunk(config, gpt_cfg)}
-    before = sample.sample_texts(config, initial, texts, num_samples=2, seed=1)
+    before = sample.sample_texts(config, initial, texts, num_samples=2, seed=1, references=refs)
     trained, _ = sample.load_policy(policy_dir)
-    after = sample.sample_texts(config, trained, texts, num_samples=2, seed=1)
-    for rows in (before, after):
-        for row, score in zip(rows, vader_scores(rows)):
-            row["vader"] = float(score)
+    after = sample.sample_texts(config, trained, texts, num_samples=2, seed=1, references=refs)
+    judged_before, judged_after = judge(task, before), judge(task, after)
     summary = {
-        "vader_before": float(np.mean([r["vader"] for r in before])),
-        "vader_after": float(np.mean([r["vader"] for r in after])),
+        "task": task,
+        "before": judged_before,
+        "after": judged_after,
         "num_samples": len(after),
         "reward_model_valid_accuracy": rm_final.get("valid/accuracy"),
         "final_objective_score": last.get("objective/score"),
         "final_objective_kl": last.get("objective/kl"),
     }
-    md = (f"# Quickstart: before and after PPO\n\nMean VADER compound score of {len(after)} "
-          f"samples on held-out queries: **{summary['vader_before']:.3f} → "
-          f"{summary['vader_after']:.3f}**.\n\n" + _table(before, after))
+    metric = "VADER" if task == "sentiment" else "copying"
+    md = (f"# Quickstart ({task}): before and after PPO\n\n"
+          f"{_headline(task, judged_before, judged_after, len(after))}\n\n"
+          + _table(before, after, metric))
     runtime.atomic_write_text(os.path.join(workdir, "before_after.md"), md)
     runtime.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    runtime.atomic_write_text(os.path.join(workdir, "samples_before_after.jsonl"), "".join(
+        json.dumps({"stage": stage, **row}) + "\n"
+        for stage, rows in (("before", before), ("after", after)) for row in rows))
     print(md, flush=True)
     print(json.dumps(summary, indent=2), flush=True)
     return summary
@@ -127,10 +183,11 @@ def run_quickstart(workdir: str, num_queries: int = 64) -> dict:
 def main(argv):
     del argv
     runtime.setup_logging(flags.FLAGS.workdir)
-    run_quickstart(flags.FLAGS.workdir)
+    run_quickstart(flags.FLAGS.workdir, flags.FLAGS.task)
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Where every stage writes its outputs.")
+    flags.DEFINE_enum("task", "sentiment", TASKS, "Which mock experiment to run.")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -15,7 +15,9 @@ The default temperature is the task's training temperature: the trained policy's
 softmax(logits / T_task), which is what PPO optimised. (The original `sample.py` silently
 defaulted to 1.0.) Pass `--temperature` to override.
 
-Each output row: {"query", "response", "response_tokens", "valid", "sample_index"}.
+Each output row: {"query", "response", "response_tokens", "valid", "sample_index",
+"temperature"}, plus "reference" (the reference summary) when the queries come from a
+summarization source, so that `python -m rlhf_jax.evaluate --samples` can score ROUGE.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rlhf_jax import checkpointing, experiment, labelers, runtime, sampling, sharding
-from rlhf_jax.data import sources, tasks
+from rlhf_jax.data import sources, summarization, tasks
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ def load_policy(workdir: str):
 
 def sample_texts(config: ml_collections.ConfigDict, params, query_texts: list[str], *,
                  num_samples: int = 1, temperature: float | None = None, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[dict]:
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
+                 references: list[str | None] | None = None) -> list[dict]:
     """Samples `num_samples` continuations per query text.
 
     Args:
@@ -74,6 +77,8 @@ def sample_texts(config: ml_collections.ConfigDict, params, query_texts: list[st
         top_k, top_p: optional truncation of the sampling distribution.
         seed: PRNG seed.
         batch_size: rows per sampler call (rounded up to the device count).
+        references: optional reference summary per query text, copied into its rows as
+            "reference" (what `rlhf_jax.evaluate` scores ROUGE against).
 
     Returns:
         One dict per (query, sample).
@@ -82,7 +87,11 @@ def sample_texts(config: ml_collections.ConfigDict, params, query_texts: list[st
     tok = experiment.tokenizer(config)
     spec = experiment.task_spec(config, tok, gpt_cfg)
     temperature = spec.temperature if temperature is None else temperature
-    kept = [(t, q) for t in query_texts if (q := tasks.make_query(tok.encode(t), spec)) is not None]
+    if references is not None and len(references) != len(query_texts):
+        raise ValueError(f"{len(references)} references for {len(query_texts)} query texts")
+    refs = dict(enumerate(references or []))
+    kept = [((t, refs.get(k)), q) for k, t in enumerate(query_texts)
+            if (q := tasks.make_query(tok.encode(t), spec)) is not None]
     if len(kept) < len(query_texts):
         logger.warning("skipped %d of %d queries (start/end token rules of the task)",
                        len(query_texts) - len(kept), len(query_texts))
@@ -108,10 +117,13 @@ def sample_texts(config: ml_collections.ConfigDict, params, query_texts: list[st
         resp = fn(params, fmt(jnp.asarray(queries)), jax.random.fold_in(rng, b))["responses"]
         truncated, valid = np.asarray(post(resp)), np.asarray(valid_fn(resp))
         texts = labelers.decode_tokens(tok, truncated, spec.pad_id)
-        for j, ((text, _), i) in enumerate(chunk):
-            out.append({"query": text, "response": texts[j], "valid": bool(valid[j]),
-                        "response_tokens": [int(t) for t in truncated[j] if t != spec.pad_id],
-                        "sample_index": i, "temperature": temperature})
+        for j, (((text, ref), _), i) in enumerate(chunk):
+            row = {"query": text, "response": texts[j], "valid": bool(valid[j]),
+                   "response_tokens": [int(t) for t in truncated[j] if t != spec.pad_id],
+                   "sample_index": i, "temperature": temperature}
+            if ref is not None:
+                row["reference"] = ref
+            out.append(row)
     return out
 
 
@@ -129,11 +141,17 @@ def main(argv):
     else:
         raise app.UsageError("give --workdir (a trained policy) or --config (the base model)")
     if f.queries:
-        texts = sources.load_texts(f.queries)
-    else:
-        texts = sources.load_texts(config.task.query_dataset, f.split)
-    rows = sample_texts(config, params, texts[: f.num_queries], num_samples=f.num_samples,
-                        temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed)
+        texts, refs = sources.load_texts(f.queries)[: f.num_queries], None
+    else:  # summarization sources come with their reference summaries
+        t = config.task
+        items = summarization.texts_and_references(t.query_dataset, f.split,
+                                                   t.get("query_data_dir", ""), f.num_queries)
+        texts = [text for text, _ in items]
+        refs = [ref for _, ref in items] if summarization.is_summarization_source(
+            t.query_dataset) else None
+    rows = sample_texts(config, params, texts, num_samples=f.num_samples,
+                        temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
+                        references=refs)
     runtime.atomic_write_text(f.output, "".join(json.dumps(r) + "\n" for r in rows))
     logger.info("wrote %d samples to %s", len(rows), f.output)
 

@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from rlhf_jax import (
     checkpointing,
     experiment,
+    flops,
     kl_control,
     labelers,
     metrics as metrics_lib,
@@ -92,6 +93,10 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     heads, repl = layout.heads, sharding.replicated(mesh)
     to_rollout = layout.to_rollout()
     fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
+    throughput = flops.Throughput(
+        flops.ppo_config_flops(gpt_cfg, p, spec, rm_cfg)["total"],
+        flops.ppo_iteration_tokens(p.batch_size, spec.context_length, spec.response_length),
+        jax.devices()[0].device_kind, mesh.size, config.model.dtype)
 
     rng_init, rng_sample, rng_shuffle = jax.random.split(jax.random.key(config.seed), 3)
     trunk = experiment.initial_trunk(config, gpt_cfg)
@@ -118,8 +123,10 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, meta = ckpt.restore(latest, abstract)
         checkpointing.check_compatible(meta, run_meta, list(run_meta))
         logger.info("resumed from iteration %d", latest)
+        last_stats = meta.get("final", {})  # a finished run returns its final metrics again
     else:  # (2) the initial model
         state = fresh_state()
+        last_stats = {}
     # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
                                       resume_step=-1 if latest is None else latest)
@@ -130,7 +137,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = metrics_lib.Progress(num_updates, start=start, desc="train_policy",
                                     items_per_step={"episodes": p.batch_size})
     t_start = time.time()
-    last = {}
+    last = last_stats
     with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
           sharding.mesh_context(mesh, rules)):
         for it in range(start, num_updates):
@@ -159,7 +166,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "elapsed/steps/serial": done * spec.response_length,
                       "elapsed/steps/total": done * p.batch_size * spec.response_length,
                       "elapsed/fps": p.batch_size / max(time.time() - t0, 1e-9),
-                      "elapsed/time": time.time() - t_start}
+                      "elapsed/time": time.time() - t_start} | throughput(time.time() - t0)
             last = stats
             if done % config.log_every == 0 or done == num_updates:
                 writer.write(done, stats)
@@ -167,7 +174,8 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 progress.update(done, score=stats["objective/score"], kl=stats["objective/kl"])
             if config.stop_after and done - start >= config.stop_after:
                 stop.request(f"stop_after={config.stop_after}")
-            ckpt.save(done, state, run_meta, force=stop.requested or done == num_updates)
+            final = {"final": stats} if done == num_updates else {}
+            ckpt.save(done, state, run_meta | final, force=stop.requested or done == num_updates)
             if stop.requested:
                 ckpt.wait_until_finished()
                 logger.warning("stopped at iteration %d on %s; rerun to resume", done, stop.reason)

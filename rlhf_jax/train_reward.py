@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ from ml_collections import config_flags
 from rlhf_jax import (
     checkpointing,
     experiment,
+    flops,
     label_types,
     metrics as metrics_lib,
     models,
@@ -287,6 +289,13 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     items_per_step={"labels": r.batch_size})
     logger.info("training on %d labels in %d batches of %d", config.labels.num_train,
                 setup.num_steps, r.batch_size)
+    spec, n = setup.spec, setup.label_type.num_samples
+    throughput = flops.Throughput(
+        flops.reward_step_flops(setup.gpt_cfg, r.batch_size, spec.query_length,
+                                spec.response_length, n),
+        r.batch_size * n * (spec.query_length + spec.response_length),
+        jax.devices()[0].device_kind, setup.mesh.size, config.model.dtype)
+    t_log, step_log = time.time(), start
     with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
           sharding.mesh_context(setup.mesh, setup.rules)):
         for step in range(start, setup.num_steps):
@@ -295,6 +304,8 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
             done = step + 1
             if done % r.log_every == 0 or done == setup.num_steps:
                 stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+                stats |= throughput((time.time() - t_log) / (done - step_log))
+                t_log, step_log = time.time(), done
                 writer.write(done, stats)
                 progress.update(done, loss=stats["train/loss"])
             if done < setup.num_steps:  # the last step is saved below, marked "done"

@@ -13,10 +13,10 @@ Modes (`config.sft.mode`):
   one line + "\n", padded or truncated to `task.response_length`. The loss is only on the summary
   tokens: the paper's "supervised" baselines (spec §8).
 
-Dataset names: anything `sources.load_texts` reads ("builtin", a text/JSONL path), plus the
-summarization sources "tfds:<cnn_dailymail|reddit>", "jsonl:<path>" (fields article, summary)
-and "builtin:lead" (the builtin passages, one sentence per paragraph, the first sentence as the
-reference: a self-contained, offline stand-in for CNN/DM or TL;DR).
+Dataset names (`summarization.corpus_texts`): anything `sources.load_texts` reads ("builtin",
+a text/JSONL path), plus the summarization sources "tfds:<cnn_dailymail|reddit>", "jsonl:<path>"
+(fields article, summary) and "builtin:lead" (the builtin passages, one sentence per paragraph,
+the first sentence as the reference: a self-contained, offline stand-in for CNN/DM or TL;DR).
 
 Data order is a pure function of (config.seed, step), so a resumed run sees the same batches.
 The workdir gets `config.json`, `metrics.jsonl` (+ `plot.png`), `samples.jsonl` (samples of the
@@ -33,8 +33,8 @@ import concurrent.futures
 import functools
 import logging
 import os
-import re
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +45,9 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, experiment, labelers, metrics as metrics_lib, models, optim
-from rlhf_jax import runtime, sampling, sharding
-from rlhf_jax.data import sources, summarization, tasks
+from rlhf_jax import checkpointing, experiment, flops, labelers, metrics as metrics_lib, models
+from rlhf_jax import optim, runtime, sampling, sharding
+from rlhf_jax.data import summarization, tasks
 from rlhf_jax.models import hf_import
 from rlhf_jax.tokenizer import EOT_ID
 
@@ -58,77 +58,6 @@ EXIT_STOPPED = runtime.EXIT_STOPPED
 MODES = ("lm", "summarize")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MAX_SKIPPED = 1000  # unusable examples in a row before the data is declared unusable
-# tfds names for the splits the pipeline asks for. Reddit (TL;DR) has only "train": hold out its
-# last 5% as the original held out its own "valid" subset. Other split strings pass through.
-TFDS_SPLITS = {
-    "reddit": {"train": "train[:95%]", "test": "train[95%:]", "valid": "train[95%:]"},
-    "cnn_dailymail": {"valid": "validation"},
-}
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\u201d]?\s+")
-
-
-# --- Sources ----------------------------------------------------------------------------------
-
-
-def is_summarization_source(name: str) -> bool:
-    """Whether `name` gives (article, reference) pairs (see the module docstring)."""
-    return name.startswith(("tfds:", "jsonl:")) or name == "builtin:lead"
-
-
-def summarization_pairs(name: str, split: str = "train", data_dir: str = ""):
-    """(article, reference) pairs of a summarization source, cleaned as the original did.
-
-    Args:
-        name: "tfds:<cnn_dailymail|reddit|cnndm|tldr>", "jsonl:<path>" ("{split}" in the path is
-            replaced) or "builtin:lead".
-        split: "train", "test", "valid" or a tfds split string.
-        data_dir: tfds data_dir of the prepared array_record dataset ("" = tfds's default).
-
-    Returns:
-        A random-access sequence of pairs; tfds sources are read lazily and raise
-        `summarization.RecordError` for an empty record.
-    """
-    if name.startswith("tfds:"):
-        ds = summarization.TFDS_NAMES.get(name[5:], name[5:])
-        split = TFDS_SPLITS.get(ds, {}).get(split, split)
-        return summarization.tfds_source(ds, split, data_dir or None)
-    if name.startswith("jsonl:"):
-        return summarization.jsonl_source(name[6:].replace("{split}", split))
-    if name == "builtin:lead":
-        pairs = []
-        for text in sources.load_texts("builtin", split):
-            sents = [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
-            pairs.append(("\n\n".join(sents), sents[0]))
-        return pairs
-    raise ValueError(f"{name!r} is not a summarization source (tfds:..., jsonl:..., builtin:lead)")
-
-
-def summarization_texts(name: str, split: str = "train", data_dir: str = "",
-                        max_texts: int = 0) -> list[str]:
-    """The articles of a summarization source, for a task's query stream.
-
-    Args:
-        name, split, data_dir: as `summarization_pairs`.
-        max_texts: keep the first this many usable articles (0 = all; tfds reddit has 3.8M).
-
-    Returns:
-        The cleaned articles, skipping empty records.
-    """
-    out = []
-    for article, _ in summarization_pairs(name, split, data_dir):
-        out.append(article)
-        if max_texts and len(out) >= max_texts:
-            break
-    return out
-
-
-def corpus_texts(name: str, split: str = "train", data_dir: str = "") -> list[str]:
-    """Texts of any dataset name: the articles of a summarization source, else `load_texts`."""
-    if is_summarization_source(name):
-        return summarization_texts(name, split, data_dir)
-    return sources.load_texts(name, split)
-
-
 # --- Examples ---------------------------------------------------------------------------------
 
 
@@ -284,7 +213,7 @@ class SFTSetup:
         else:
             self.dataset = config.task.query_dataset
             data_dir = config.task.get("query_data_dir", "")
-        if s.mode == "summarize" and not is_summarization_source(self.dataset):
+        if s.mode == "summarize" and not summarization.is_summarization_source(self.dataset):
             raise ValueError(f"sft.mode='summarize' needs (article, reference) pairs, but dataset "
                              f"{self.dataset!r} has no references; use tfds:..., jsonl:... or "
                              "builtin:lead")
@@ -300,9 +229,9 @@ class SFTSetup:
     def _load(self, split: str, data_dir: str) -> SFTData:
         s, seed = self.config.sft, self.config.seed
         if s.mode == "lm":
-            texts = corpus_texts(self.dataset, split, data_dir)
+            texts = summarization.corpus_texts(self.dataset, split, data_dir)
             return SFTData.lm(texts, self.tok, s.seq_len, seed)
-        pairs = summarization_pairs(self.dataset, split, data_dir)
+        pairs = summarization.summarization_pairs(self.dataset, split, data_dir)
         return SFTData.summarize(pairs, self.tok, self.spec, seed)
 
     def _prompts(self, split: str, data_dir: str, n: int):
@@ -310,15 +239,8 @@ class SFTSetup:
         queries, refs = [], []
         if n == 0:
             return queries, refs
-        if is_summarization_source(self.dataset):
-            items = summarization_pairs(self.dataset, split, data_dir)
-        else:
-            items = [(text, None) for text in corpus_texts(self.dataset, split, data_dir)]
-        for i in range(min(len(items), 50 * n)):
-            try:
-                article, ref = items[i]
-            except summarization.RecordError:
-                continue
+        items = summarization.texts_and_references(self.dataset, split, data_dir, 50 * n)
+        for article, ref in items:
             query = tasks.make_query(self.tok.encode(article), self.spec)
             if query is not None:
                 queries.append(query)
@@ -504,8 +426,13 @@ def _train_loop(trainer: SFTTrainer, state, ckpt, writer, run_meta: dict, workdi
     progress = metrics_lib.Progress(s.steps, start=start, desc="train_sft",
                                     items_per_step={"tokens": tokens_per_step})
     stop_after = setup.config.get("stop_after", 0)
+    seq = setup.data.seq_len
+    throughput = flops.Throughput(  # the loss covers every position of the window: 3x forward
+        3.0 * s.batch_size * flops.forward_flops(setup.gpt_cfg, seq, seq, seq), tokens_per_step,
+        jax.devices()[0].device_kind, setup.mesh.size, setup.config.model.dtype)
     pending: list[dict] = []
     last: dict[str, float] = {}
+    t_log = time.time()
     # The next batch is built on a host thread while the device runs the current step.
     with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
           concurrent.futures.ThreadPoolExecutor(1) as pool):
@@ -522,6 +449,8 @@ def _train_loop(trainer: SFTTrainer, state, ckpt, writer, run_meta: dict, workdi
                 got = jax.device_get(pending)
                 pending = []
                 last = {f"train/{k}": float(np.mean([g[k] for g in got])) for k in got[0]}
+                last |= throughput((time.time() - t_log) / len(got))
+                t_log = time.time()
                 writer.write(done, last)
                 progress.update(done, loss=last["train/loss"])
             if stop_after and done - start >= stop_after:

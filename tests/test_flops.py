@@ -96,6 +96,28 @@ def test_mfu():
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install libtpu) for TPU topologies")
+def test_throughput_metrics():
+    tp = flops.Throughput(8e12, 1000, "TPU v4", 4, "bfloat16")
+    out = tp(2.0)
+    assert out["perf/tokens_per_sec"] == 500.0 and out["perf/step_seconds"] == 2.0
+    assert out["perf/model_tflops_per_sec_per_device"] == pytest.approx(1.0)
+    assert out["perf/mfu"] == pytest.approx(8e12 / 2.0 / (4 * 275e12))
+    assert "perf/mfu" not in flops.Throughput(1.0, 1, "cpu", 8)(1.0)  # no known peak
+
+
+def test_ppo_config_flops_matches_the_explicit_call():
+    cfg = models.preset("tiny")
+
+    class Spec:
+        query_length, response_length, context_length = 64, 24, 66
+
+    class PPO:
+        batch_size, noptepochs, value_model = 16, 4, "separate"
+
+    assert flops.ppo_config_flops(cfg, PPO, Spec) == flops.ppo_iteration_flops(
+        cfg, 16, 64, 24, 4, context_len=66, separate_value=True)
+
+
 def test_table_matches_the_topologies_and_the_compiler():
     """device_kind strings and usable HBM as libtpu's compile-only devices report them."""
     from rlhf_jax import aot_check

@@ -69,6 +69,7 @@ def test_train_reward_entry_point(mock_labels, tmp_path):
         assert os.path.exists(os.path.join(workdir, name)), name
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert all(r["perf/tokens_per_sec"] > 0 for r in rows if "train/loss" in r)
     final = rows[-1]
     # After normalisation, fresh ρ samples score mean 0 / std 1 within sampling error (64 samples).
     n = final["verify/num_samples"]

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from rlhf_jax import config_lib, experiment, models, train_sft
-from rlhf_jax.data import tasks
+from rlhf_jax.data import summarization, tasks
 from rlhf_jax.models import hf_import
 from rlhf_jax.tokenizer import EOT_ID, PAD_ID, get_tokenizer
 from tests.test_train_reward import load_config
@@ -26,8 +26,11 @@ def small_spec(tok, **kw):
         truncate_token=198, truncate_after=2, **kw)
 
 
-def rows(path):
-    return [json.loads(line) for line in open(path)]
+def rows(path, timing=False):
+    """metrics.jsonl rows, without the wall-clock `perf/*` metrics unless `timing`."""
+    out = [json.loads(line) for line in open(path)]
+    return out if timing else [{k: v for k, v in r.items() if not k.startswith("perf/")}
+                               for r in out]
 
 
 # ---------------------------------------------------------------- examples and data order
@@ -130,18 +133,18 @@ def test_summarization_sources(tmp_path):
     records = [{"content": "Post one.", "summary": "one"}, {"content": "  ", "summary": "x"},
                {"content": "Post three.", "summary": "three"}]
     with tfds.testing.mock_data(as_data_source_fn=_records(records, seen)):
-        assert train_sft.summarization_texts("tfds:tldr", "test") == ["Post one.", "Post three."]
-        pairs = train_sft.summarization_pairs("tfds:reddit", "train")
+        assert summarization.summarization_texts("tfds:tldr", "test") == ["Post one.", "Post three."]
+        pairs = summarization.summarization_pairs("tfds:reddit", "train")
     assert seen == ["train[95%:]", "train[:95%]"] and pairs[2] == ("Post three.", "three")
     path = tmp_path / "arts_test.jsonl"
     path.write_text(json.dumps({"article": "A b.", "summary": "S."}) + "\n")
     name = "jsonl:" + str(tmp_path / "arts_{split}.jsonl")
-    assert train_sft.summarization_pairs(name, "test") == [("A b.", "S.")]
-    lead = train_sft.summarization_pairs("builtin:lead", "test")
+    assert summarization.summarization_pairs(name, "test") == [("A b.", "S.")]
+    lead = summarization.summarization_pairs("builtin:lead", "test")
     article, ref = lead[0]
     assert article.startswith(ref) and article.count("\n\n") >= 2 and ref.endswith(".")
-    assert train_sft.corpus_texts("builtin:lead", "test")[0] == article
-    assert train_sft.is_summarization_source(name) and not train_sft.is_summarization_source(
+    assert summarization.corpus_texts("builtin:lead", "test")[0] == article
+    assert summarization.is_summarization_source(name) and not summarization.is_summarization_source(
         "builtin")
 
 
@@ -179,7 +182,8 @@ def lm_config(**sft):
 def test_lm_loss_goes_down_and_the_model_exports(tmp_path):
     workdir = str(tmp_path / "sft")
     final = train_sft.train_sft(lm_config(), workdir)
-    metrics = rows(os.path.join(workdir, "metrics.jsonl"))
+    metrics = rows(os.path.join(workdir, "metrics.jsonl"), timing=True)
+    assert all(r["perf/tokens_per_sec"] > 0 for r in metrics if "train/loss" in r)
     losses = [r["train/loss"] for r in metrics if "train/loss" in r]
     valid = [r["valid/loss"] for r in metrics if "valid/loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2

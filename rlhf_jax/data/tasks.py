@@ -310,6 +310,9 @@ class QueryDataset:
         self.shuffle_seed = shuffle_seed
         queries = []
         self.skipped: collections.Counter[str] = collections.Counter()
+        # Kept texts that encode to more than the query window are cut to it (as the original
+        # did for long articles); they are counted so that the cut is never silent.
+        self.num_truncated = 0
         for text in texts:
             tokens = tokenizer.encode(text)
             query = make_query(tokens, spec)
@@ -317,10 +320,14 @@ class QueryDataset:
                 self.skipped[_skip_reason(tokens, spec)] += 1
             else:
                 queries.append(query)
+                self.num_truncated += len(tokens) > spec.query_length
         logger.info(
-            "QueryDataset: kept %d of %d texts; skipped %s",
+            "QueryDataset: kept %d of %d texts (%d of them longer than query_length=%d tokens, "
+            "cut to it); skipped %s",
             len(queries),
             len(texts),
+            self.num_truncated,
+            spec.query_length,
             dict(self.skipped) or "none",
         )
         if not queries:
