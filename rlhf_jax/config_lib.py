@@ -168,6 +168,9 @@ def reward_config(**kw) -> ml_collections.ConfigDict:
         # debug_normalize, on by default here).
         verify_samples=256,
         log_every=10,
+        # The reward model's initial trunk: "policy" (the policy's initial model, the
+        # original), "random" (tiny CPU runs, see experiment.reward_trunk) or an HF directory.
+        init="policy",
         # Used by train_policy: train a new reward model first (the original's
         # train_new_model), or load the one in this train_reward workdir.
         trained_model="",
@@ -189,10 +192,11 @@ def labeler_config(kind: str = "vader", **kw) -> ml_collections.ConfigDict:
     closeness to the reference summary; summarization sources only). temperature 0 picks the
     argmax; > 0 chooses like a Boltzmann-rational human (softmax of score / temperature).
     Queries are read from the task's query stream starting at step `query_offset`, away from the
-    steps that reward normalisation and PPO read first.
+    steps that reward normalisation and PPO read first. copy_ngram (kind "copying"): 0 scores
+    whole copied sentences; n > 0 the share of n-grams found in the article (tiny models).
     """
     cfg = dict(kind=kind, temperature=0.0, field="response", seed=0, rollout_batch_size=64,
-               query_offset=100_000)
+               query_offset=100_000, copy_ngram=0)
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
 

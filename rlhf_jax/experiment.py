@@ -47,6 +47,28 @@ def initial_trunk(config: ml_collections.ConfigDict, gpt_cfg: models.GPT2Config)
     return jax.tree.map(np.asarray, params["transformer"])
 
 
+def reward_trunk(config: ml_collections.ConfigDict, gpt_cfg: models.GPT2Config, policy_trunk):
+    """The trunk the reward model starts from: `config.rewards.init`.
+
+    "policy" (the original): the policy's initial model (`policy_trunk`). "random": a random
+    GPT-2 init (`model.init_seed`). Anything else: an HF GPT-2 directory of the same shapes.
+    "random" is for tiny CPU models: a tiny model fine-tuned for a minute on books (the
+    quickstart's initial policy) gives features from which a reward model learned nothing in
+    our runs (held-out accuracy at chance), while a random trunk learned the labels.
+    """
+    init = config.rewards.get("init", "policy")
+    if init == "policy":
+        return policy_trunk
+    m = config.model
+    if init == "random":
+        logger.info("reward model trunk: random %s GPT-2 (init_seed=%d)", m.preset, m.init_seed)
+        params = jax.jit(lambda k: models.init_params(gpt_cfg, k))(jax.random.key(m.init_seed))
+        return jax.tree.map(np.asarray, params["transformer"])
+    _, params = hf_import.load_hf_checkpoint(init, expected=gpt_cfg)
+    logger.info("reward model trunk: %s", init)
+    return params["transformer"]
+
+
 def with_heads(trunk, gpt_cfg: models.GPT2Config, heads, rng: jax.Array):
     """A param tree: the given trunk plus freshly initialised heads."""
     fresh = jax.jit(lambda k: models.init_params(gpt_cfg, k, heads))(rng)

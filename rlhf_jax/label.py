@@ -49,7 +49,7 @@ def make_scorer(config: ml_collections.ConfigDict, tok=None, spec=None) -> label
     if kind == "vader":
         return labelers.VaderSentimentScorer(config.labeler.field)
     if kind == "copying":
-        return summary_scorers.CopyingScorer()
+        return summary_scorers.CopyingScorer(ngram=config.labeler.get("copy_ngram", 0))
     if kind == "rouge":
         t = config.task
         if not summarization.is_summarization_source(t.query_dataset):

@@ -148,8 +148,12 @@ class BestOfN(LabelType):
         log_probs = log_probs - jnp.log(jnp.sum(jnp.exp(log_probs), axis=-1, keepdims=True))
         chosen = jnp.take_along_axis(log_probs, best[:, None], axis=-1)[:, 0]
         loss = -jnp.mean(chosen)
-        # Not logged by the original; the spec (§3.4) asks for a 4-way accuracy metric.
-        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == best).astype(jnp.float32))
+        # Not logged by the original; the spec (§3.4) asks for a 4-way accuracy metric. Ties
+        # count as a random pick among the tied maxima: a reward model that scores all samples
+        # alike gets chance accuracy (1/N), not the share of labels whose best is sample 0.
+        is_max = logits == jnp.max(logits, axis=-1, keepdims=True)
+        hit = jnp.take_along_axis(is_max, best[:, None], axis=-1)[:, 0]
+        accuracy = jnp.mean(hit / jnp.sum(is_max, axis=-1))
         # The original reports the same cross-entropy under both names.
         return loss, {"loss": loss, "error": loss, "accuracy": accuracy}
 

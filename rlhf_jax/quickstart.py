@@ -60,8 +60,13 @@ def quickstart_config(workdir: str, task: str = "sentiment") -> ml_collections.C
     spec.loader.exec_module(module)
     config = module.get_config("runlocal")
     config.labels.path = os.path.join(workdir, "labels.json")
-    config.labels.num_train, config.labels.num_valid = 512, 128
+    config.labels.num_train, config.labels.num_valid = 4096, 256
+    config.labeler.rollout_batch_size = 64
     config.rewards.batch_size = 16
+    # The tiny book-tuned model is a poor starting point for a reward model: from it, one
+    # epoch of these labels left held-out accuracy at chance (0.26-0.28 on 128-256 labels, for
+    # lr 3e-4 to 3e-3, 512 to 4096 labels); from a random trunk the same run reached 0.54.
+    config.rewards.init = "random"
     config.rewards.trained_model = os.path.join(workdir, "reward")
     # PPO sized for two CPU cores; a random-init tiny model needs a much larger step than the
     # original's 1e-5 for pretrained GPT-2.
@@ -70,18 +75,24 @@ def quickstart_config(workdir: str, task: str = "sentiment") -> ml_collections.C
     config.ppo.lr = 3e-4
     config.log_every = 5
     config.ckpt_every = 20
+    if task == "tldr":
+        # The tiny summarizer never copies a whole sentence, so the paper's sentence rule
+        # scores nearly every sample 0 (chosen 0.002 in our run: labels without information);
+        # the share of copied word bigrams is a graded version of the same preference.
+        config.labeler.copy_ngram = 2
     return config
 
 
-def judge(task: str, rows: list[dict]) -> dict:
+def judge(task: str, rows: list[dict], copy_ngram: int = 0) -> dict:
     """The mock labeler's own metric of samples (adds per-row scores to `rows`)."""
     queries, responses = [r["query"] for r in rows], [r["response"] for r in rows]
     if task == "sentiment":
         scores = labelers.VaderSentimentScorer("response")(queries, responses)
         for row, score in zip(rows, scores):
             row["score"] = float(score)
-        return {"vader": float(np.mean(scores))}
-    scores = summary_scorers.CopyingScorer()(queries, responses)
+        return {"vader": float(np.mean(scores)),
+                "vader_stderr": float(np.std(scores) / np.sqrt(len(scores)))}
+    scores = summary_scorers.CopyingScorer(ngram=copy_ngram)(queries, responses)
     for row, score in zip(rows, scores):
         row["score"] = float(score)
     refs = [r.get("reference") for r in rows]
@@ -95,10 +106,16 @@ def judge(task: str, rows: list[dict]) -> dict:
     return out
 
 
+def _clean(text: str) -> str:
+    """Markdown-table-safe text: no pipes or newlines; GPT-2's end of text shown as [EOT]."""
+    text = text.replace("<|endoftext|>", " [EOT] ")
+    return text.replace("|", "/").replace("\n", " ").strip()
+
+
 def _table(before: list[dict], after: list[dict], metric: str, n: int = 6) -> str:
     lines = [f"| query (end) | initial policy | {metric} | trained policy | {metric} |",
              "|---|---|---|---|---|"]
-    clean = lambda s: s.replace("|", "/").replace("\n", " ").strip()  # noqa: E731
+    clean = _clean
     for b, a in zip(before[:n], after[:n]):
         lines.append(f"| …{clean(b['query'][-60:])} | {clean(b['response'])} | {b['score']:.2f} "
                      f"| {clean(a['response'])} | {a['score']:.2f} |")
@@ -113,7 +130,8 @@ def _novelty_text(judged: dict) -> str:
 def _headline(task: str, before: dict, after: dict, n: int) -> str:
     if task == "sentiment":
         return (f"Mean VADER compound score of {n} samples on held-out queries: "
-                f"**{before['vader']:.3f} → {after['vader']:.3f}**.")
+                f"**{before['vader']:.3f} ± {before['vader_stderr']:.3f} → "
+                f"{after['vader']:.3f} ± {after['vader_stderr']:.3f}** (± one standard error).")
     return (f"{n} summaries of held-out passages. Copying score (the labeler's): "
             f"**{before['copying_score']:.3f} → {after['copying_score']:.3f}**. Novelty (% of the "
             f"summaries' n-grams not in the article; lower = more copied):\n\n- initial: "
@@ -121,13 +139,15 @@ def _headline(task: str, before: dict, after: dict, n: int) -> str:
 
 
 def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
-                   config: ml_collections.ConfigDict | None = None) -> dict:
+                   config: ml_collections.ConfigDict | None = None,
+                   samples_per_query: int = 8) -> dict:
     """Runs every stage; returns the summary (the labeler's metric before and after PPO).
 
     Args:
         workdir: where every stage writes.
         task: "sentiment" or "tldr".
-        num_queries: held-out queries to sample before and after (2 samples each).
+        num_queries: held-out queries to sample before and after.
+        samples_per_query: samples of each query, before and after.
         config: overrides `quickstart_config(workdir, task)` (tests shrink it).
     """
     os.makedirs(workdir, exist_ok=True)
@@ -153,10 +173,13 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     refs = [ref for _, ref in items] if all(ref is not None for _, ref in items) else None
     gpt_cfg = experiment.gpt2_config(config)
     initial = {"transformer": experiment.initial_trunk(config, gpt_cfg)}
-    before = sample.sample_texts(config, initial, texts, num_samples=2, seed=1, references=refs)
+    before = sample.sample_texts(config, initial, texts, num_samples=samples_per_query, seed=1,
+                                 references=refs)
     trained, _ = sample.load_policy(policy_dir)
-    after = sample.sample_texts(config, trained, texts, num_samples=2, seed=1, references=refs)
-    judged_before, judged_after = judge(task, before), judge(task, after)
+    after = sample.sample_texts(config, trained, texts, num_samples=samples_per_query, seed=1,
+                                references=refs)
+    ngram = config.labeler.get("copy_ngram", 0)
+    judged_before, judged_after = judge(task, before, ngram), judge(task, after, ngram)
     summary = {
         "task": task,
         "before": judged_before,
@@ -169,7 +192,7 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     metric = "VADER" if task == "sentiment" else "copying"
     md = (f"# Quickstart ({task}): before and after PPO\n\n"
           f"{_headline(task, judged_before, judged_after, len(after))}\n\n"
-          + _table(before, after, metric))
+          + _table(before[::samples_per_query], after[::samples_per_query], metric))
     runtime.atomic_write_text(os.path.join(workdir, "before_after.md"), md)
     runtime.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     runtime.atomic_write_text(os.path.join(workdir, "samples_before_after.jsonl"), "".join(

@@ -95,15 +95,22 @@ class CopyingScorer:
     ``target_words`` words scores 1.
     """
 
-    def __init__(self, target_words: int = 25):
+    def __init__(self, target_words: int = 25, ngram: int = 0):
         """Builds the scorer.
 
         Args:
             target_words: response length (in words) below which the score is scaled down.
+            ngram: 0 scores whole copied sentences (above). n > 0 scores the share of the
+                response's word n-grams that occur in the article instead of C / W: a graded
+                signal for models too small to copy a whole sentence, where the sentence rule
+                scores almost every sample 0 and so gives best-of-4 labels no information.
         """
         if target_words < 1:
             raise ValueError(f"target_words must be >= 1, got {target_words}")
+        if ngram < 0:
+            raise ValueError(f"ngram must be >= 0, got {ngram}")
         self.target_words = target_words
+        self.ngram = ngram
 
     def score_one(self, article: str, response: str) -> float:
         """Scores one response against its article (formula in the class docstring).
@@ -115,6 +122,14 @@ class CopyingScorer:
         Returns:
             The score in [0, 1].
         """
+        if self.ngram:
+            resp = sm.words(response)
+            grams = sm._ngrams(resp, self.ngram)
+            if not grams:
+                return 0.0
+            seen = set(sm._ngrams(sm.words(article), self.ngram))
+            share = sum(g in seen for g in grams) / len(grams)
+            return share * min(1.0, len(resp) / self.target_words)
         sents = sm.sentences(response)
         total = sum(len(s) for s in sents)
         if total == 0:

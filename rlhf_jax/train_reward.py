@@ -268,7 +268,8 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.close()
             return meta.get("final", {})
     else:  # (2) the initial model plus a fresh reward head
-        params = experiment.with_heads(trunk, setup.gpt_cfg, ("reward",), rng_init)
+        rm_trunk = experiment.reward_trunk(config, setup.gpt_cfg, trunk)
+        params = experiment.with_heads(rm_trunk, setup.gpt_cfg, ("reward",), rng_init)
         state = trainer.init_state(params)
         if r.normalize_before:
             target = label_types.target_mean_std(setup.label_type, setup.train_labels)

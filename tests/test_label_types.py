@@ -74,6 +74,16 @@ def test_best_of_n_loss_matches_numpy():
     np.testing.assert_allclose(stats["accuracy"], (rewards.argmax(1) == best).mean(), atol=1e-7)
 
 
+def test_best_of_n_accuracy_counts_ties_as_a_random_pick():
+    lt = get_label_type("best_of_4")
+    rewards = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0]],
+                       np.float32)
+    _, stats = lt.loss(rewards, np.array([0, 1, 0], np.int32))
+    np.testing.assert_allclose(stats["accuracy"], (0.25 + 0.5 + 1.0) / 3, rtol=1e-6)
+    _, stats = lt.loss(rewards, np.array([0, 2, 1], np.int32))  # a tie the label is not in
+    np.testing.assert_allclose(stats["accuracy"], 0.25 / 3, rtol=1e-6)
+
+
 def test_best_of_n_loss_stable_for_large_rewards():
     rewards = np.array([[1000.0, 0.0, -1000.0, 0.0]], np.float32)
     loss, stats = get_label_type("best_of_4").loss(rewards, np.array([0], np.int32))

@@ -17,7 +17,8 @@ def test_quickstart_runs_every_stage(task, tmp_path):
     cfg.labels.num_train, cfg.labels.num_valid = 32, 16
     cfg.rewards.normalize_samples = cfg.rewards.verify_samples = 32
     cfg.ppo.batch_size, cfg.ppo.total_episodes = 16, 32
-    summary = quickstart.run_quickstart(workdir, task, num_queries=4, config=cfg)
+    summary = quickstart.run_quickstart(workdir, task, num_queries=4, config=cfg,
+                                        samples_per_query=2)
     assert summary["num_samples"] == 8 and summary["task"] == task
     key = "vader" if task == "sentiment" else "copying_score"
     assert -1.0 <= summary["before"][key] <= 1.0 and -1.0 <= summary["after"][key] <= 1.0
@@ -29,7 +30,8 @@ def test_quickstart_runs_every_stage(task, tmp_path):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert json.load(open(os.path.join(workdir, "summary.json"))) == summary
     # A rerun skips every finished stage and reproduces the same summary.
-    assert quickstart.run_quickstart(workdir, task, num_queries=4, config=cfg) == summary
+    assert quickstart.run_quickstart(workdir, task, num_queries=4, config=cfg,
+                                     samples_per_query=2) == summary
 
 
 def test_judges():

@@ -129,3 +129,31 @@ def test_param_shardings_are_fsdp_and_sufficient():
         sharding.make_mesh(data=3, fsdp=3)
     with pytest.raises(ValueError, match="ppo.batch_size=12 is not divisible by the 8 devices"):
         sharding.check_batch_divisible("ppo.batch_size", 12, mesh)
+
+
+def test_categorical_matches_the_distribution_and_never_draws_masked_entries():
+    """Inverse-CDF draws: frequencies match softmax within 4.5 standard errors, entries of
+    probability 0 (masked, padding of the last block, the very first entry) are never drawn."""
+    vocab = 3 * sampling.CDF_BLOCK + 17  # a partial last block
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, vocab).astype(np.float32)
+    logits[0] = logits[sampling.CDF_BLOCK - 1] = logits[-1] = models.gpt2.MASK_VALUE
+    logits[5], logits[2 * sampling.CDF_BLOCK + 3] = 6.0, 5.5  # two likely entries, two blocks
+    n = 200_000
+    draws = np.asarray(jax.jit(jax.vmap(sampling.categorical, in_axes=(0, None)))(
+        jax.random.split(jax.random.key(0), n), jnp.asarray(logits)))
+    assert draws.min() >= 0 and draws.max() < vocab
+    counts = np.bincount(draws, minlength=vocab)
+    assert counts[0] == counts[sampling.CDF_BLOCK - 1] == counts[-1] == 0
+    p = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+    for i in (5, 2 * sampling.CDF_BLOCK + 3, int(np.argsort(p)[-3])):
+        se = np.sqrt(p[i] * (1 - p[i]) / n)
+        assert abs(counts[i] / n - p[i]) < 4.5 * se, (i, counts[i] / n, p[i])
+    # The rest of the mass, pooled per block, matches too.
+    for b in range(4):
+        sl = slice(b * sampling.CDF_BLOCK, (b + 1) * sampling.CDF_BLOCK)
+        q = p[sl].sum()
+        assert abs(counts[sl].sum() / n - q) < 4.5 * np.sqrt(q * (1 - q) / n) + 1e-6, b
+    # Batched logits: one independent draw per row, same shapes.
+    rows = jnp.stack([jnp.asarray(logits)] * 3)
+    assert sampling.categorical(jax.random.key(1), rows).shape == (3,)

@@ -63,3 +63,18 @@ def test_scorers_check_lengths():
         CopyingScorer()([ARTICLE, ARTICLE], ["x"])
     with pytest.raises(TypeError):
         CopyingScorer()(ARTICLE, "x")
+
+
+def test_copying_scorer_ngram_mode():
+    article = "The cat sat on the mat. It purred loudly all night."
+    scorer = CopyingScorer(target_words=4, ngram=2)
+    # "the cat sat" has bigrams (the cat), (cat sat): both in the article; length 3 of 4 words.
+    assert scorer.score_one(article, "The cat sat") == pytest.approx(1.0 * 3 / 4)
+    # (a dog), (dog sat), (sat on), (on the): 2 of 4 copied; 5 words >= target.
+    assert scorer.score_one(article, "A dog sat on the") == pytest.approx(0.5)
+    assert scorer.score_one(article, "Cat") == 0.0  # no bigram at all
+    # The sentence rule gives a partly copied sentence nothing; the n-gram rule gives it credit.
+    sentence = CopyingScorer(target_words=4)
+    assert sentence.score_one(article, "A dog sat on the") == sentence.score_one(article, "Dogs") == 0
+    with pytest.raises(ValueError, match="ngram"):
+        CopyingScorer(ngram=-1)

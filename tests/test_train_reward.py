@@ -141,3 +141,24 @@ def test_bad_input_fails_before_compute(mock_labels, tmp_path):
         train_reward.train_reward(cfg, str(tmp_path / "e"))
     for sub in "abcde":
         assert not os.path.exists(tmp_path / sub / "checkpoints")
+
+
+def test_reward_trunk_choices(tmp_path):
+    """rewards.init: the policy's initial trunk (default), a random init, or an HF directory."""
+    import jax
+
+    from rlhf_jax import experiment
+    from rlhf_jax.models import hf_import
+
+    cfg = load_config()
+    gpt_cfg = experiment.gpt2_config(cfg)
+    policy = experiment.initial_trunk(cfg, gpt_cfg)
+    assert experiment.reward_trunk(cfg, gpt_cfg, policy) is policy
+    cfg.rewards.init = "random"
+    random = experiment.reward_trunk(cfg, gpt_cfg, None)
+    jax.tree.map(np.testing.assert_array_equal, random, policy)  # runlocal's policy is random too
+    shifted = jax.tree.map(lambda x: x + 1.0, random)
+    hf_import.save_hf_checkpoint({"transformer": shifted}, gpt_cfg, str(tmp_path / "hf"))
+    cfg.rewards.init = str(tmp_path / "hf")
+    loaded = experiment.reward_trunk(cfg, gpt_cfg, policy)
+    jax.tree.map(np.testing.assert_allclose, loaded, shifted)
