@@ -200,6 +200,8 @@ def test_two_processes_match_one_process(random_rm, tmp_path):  # noqa: F811
         return
     want, want_meta = _restore(single, 2)
     got, got_meta = _restore(multi, 2, checkpointing.abstract_state(want))
+    # "final" holds the last iteration's metrics (timings differ; values match above).
+    assert got_meta.pop("final").keys() == want_meta.pop("final").keys()
     assert got_meta == want_meta
     assert int(got["step"]) == 2
     got_leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(got))
