@@ -95,7 +95,6 @@ def test_mfu():
     assert flops.mfu(1e15, 0.0, "TPU v4", 4) is None
 
 
-@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install libtpu) for TPU topologies")
 def test_throughput_metrics():
     tp = flops.Throughput(8e12, 1000, "TPU v4", 4, "bfloat16")
     out = tp(2.0)
@@ -118,6 +117,7 @@ def test_ppo_config_flops_matches_the_explicit_call():
         cfg, 16, 64, 24, 4, context_len=66, separate_value=True)
 
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install libtpu) for TPU topologies")
 def test_table_matches_the_topologies_and_the_compiler():
     """device_kind strings and usable HBM as libtpu's compile-only devices report them."""
     from rlhf_jax import aot_check
