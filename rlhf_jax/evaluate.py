@@ -27,6 +27,7 @@ from typing import Any
 from absl import app, flags
 
 from rlhf_jax import runtime, summary_metrics
+from rlhf_jax.runs import validation
 
 FIELDS = ("query", "response")
 
@@ -46,17 +47,22 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
         {"query": [...], "response": [...], "reference": [...] or None}.
 
     Raises:
-        SamplesError: naming file and line for malformed JSON, a non-object row, a missing or
-            non-string field, a "reference" on some rows only, a missing "step" when `step` is
-            given, or no rows at all.
+        SamplesError: naming file and line for bytes that are not UTF-8, malformed JSON, a
+            non-object row, a missing or non-string field, a "reference" on some rows only, a
+            missing "step" when `step` is given, or no rows at all.
     """
     out: dict[str, list[str]] = {"query": [], "response": [], "reference": []}
     first_ref_line = first_plain_line = None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SamplesError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                                   "expected JSON lines") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -168,6 +174,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    validation.check_output_file(FLAGS.output)
+    if FLAGS.plot:
+        validation.check_output_file(FLAGS.plot, "plot")
     report = evaluate_samples(FLAGS.samples, FLAGS.output, FLAGS.plot, FLAGS.step)
     brief = {k: report[k] for k in ("n", "mean_words", "copy_from_start_rate")}
     print(json.dumps(brief | {"novelty": report["novelty"], "rouge": report.get("rouge")}))

@@ -33,6 +33,7 @@ from rlhf_jax import (
 )
 from rlhf_jax.data import labels as labels_lib
 from rlhf_jax.data import summarization, tasks
+from rlhf_jax.runs import validation
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +79,17 @@ def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels
     Returns:
         {"num_labels", "chosen_score", "mean_score"}: the labeler's mean score of the chosen
         samples and of all samples.
+
+    Raises:
+        validation.ConfigError: before any sampling, for a bad config value, a negative
+            `num_labels` or an output directory that is missing or not writable.
     """
+    validation.check_flag_count("num_labels", num_labels, 0)
+    validation.check_output_file(output)
+    mesh, rules = validation.validate_with_mesh(config, ("model", "task", "labeler"))
     label_type = label_types.get_label_type(config.labels.type)
-    if not isinstance(label_type, label_types.BestOfN):
-        raise ValueError(f"labels.type={config.labels.type!r}: mock labelers write best_of_N labels")
     num_labels = num_labels or config.labels.num_train + config.labels.num_valid
     lab = config.labeler
-    mesh, rules = experiment.mesh_and_rules(config)
-    sharding.check_batch_divisible("labeler.rollout_batch_size", lab.rollout_batch_size, mesh)
     gpt_cfg = experiment.gpt2_config(config)
     tok = experiment.tokenizer(config)
     spec = experiment.task_spec(config, tok, gpt_cfg)

@@ -95,7 +95,8 @@ def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
                 # Invalid responses (no '.' at index >= 16) score exactly the penalty.
                 valid = np.asarray(tasks.responses_valid(data["responses"], spec))
                 np.testing.assert_array_equal(np.asarray(extras["scores"])[~valid], -1.0)
-            state, train_stats = fns.update(state, data, jax.random.key(100 + it))
+            state, train_stats, flags = fns.update(state, data, jax.random.key(100 + it))
+            assert int(flags) == 0
             assert np.isfinite(float(train_stats["ppo/loss/total"]))
     assert int(state["step"]) == 3
 
@@ -110,7 +111,7 @@ def test_update_on_8_devices_matches_one_device(random_rm):
             queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
             data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
                                          queries, state["kl_coef"], jax.random.key(0))
-            state, train_stats = fns.update(state, data, jax.random.key(1))
+            state, train_stats, _ = fns.update(state, data, jax.random.key(1))
         results.append(jax.device_get((data, stats, train_stats, state["params"])))
     (d8, s8, t8, p8), (d1, s1, t1, p1) = results
     np.testing.assert_array_equal(d8["responses"], d1["responses"])
@@ -177,7 +178,7 @@ def test_separate_value_network_from_reward_model(random_rm, tmp_path):
 def test_bad_input(random_rm, tmp_path):
     cfg = tiny_config()
     cfg.rewards.trained_model = str(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="rewards.trained_model=.*does not exist"):
+    with pytest.raises(ValueError, match="rewards.trained_model=.*does not exist"):
         train_policy.train_policy(cfg, str(tmp_path / "a"))
     cfg = tiny_config(batch_size=12)
     with pytest.raises(ValueError, match="ppo.batch_size=12 is not divisible by the 8 devices"):

@@ -45,12 +45,13 @@ def read_text(path: str) -> str:
     Raises:
         ImportError: for `gs://` when no GCS backend is installed (says what to install).
         OSError: when the file cannot be read (the message names it).
+        SourceError: when the contents are not UTF-8 text (a binary file), naming it.
     """
     path = str(path)
     if path.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(path, timeout=HTTP_TIMEOUT_S) as response:
-                return response.read().decode("utf-8")
+                return _decode(response.read(), path)
         except urllib.error.HTTPError as e:
             raise OSError(f"cannot download {path}: HTTP {e.code} {e.reason}") from e
         except urllib.error.URLError as e:
@@ -59,8 +60,16 @@ def read_text(path: str) -> str:
         return _read_gcs(path)
     if path.startswith("file://"):
         path = path[len("file://") :]
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    with open(path, "rb") as f:
+        return _decode(f.read(), path)
+
+
+def _decode(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); expected a text or JSON file") from None
 
 
 def _gcs_missing(path: str, cause: Exception) -> ImportError:
@@ -76,7 +85,7 @@ def _read_gcs(path: str) -> str:
     except ImportError as e:
         raise _gcs_missing(path, e) from e
     try:
-        return epath.Path(path).read_text(encoding="utf-8")
+        return _decode(epath.Path(path).read_bytes(), path)
     except ImportError as e:  # etils raises this lazily when gcsfs/tensorflow are absent
         raise _gcs_missing(path, e) from e
 
