@@ -19,8 +19,10 @@ words per leaf (and one compilation per state layout and process).
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import re
+import sys
 from typing import Any
 
 import jax
@@ -148,6 +150,36 @@ def check_json_files(step: int | None, step_dir, names: tuple[str, ...]) -> None
 
 
 _PATH_IN_MESSAGE = re.compile(r'(?:local file|file) "([^"]+)"')
+
+
+_previous_unraisablehook = None
+
+
+def _drop_orbax_teardown(unraisable) -> None:
+    """`sys.unraisablehook` that drops the leftovers of a failed orbax restore, else forwards.
+
+    A restore that fails on one array leaves orbax's other reads pending in an event loop
+    that orbax then closes: when TensorStore finishes them, their callbacks raise "Event loop
+    is closed", and the abandoned coroutines raise again when collected (at exit:
+    "sys.meta_path is None"). Nothing can be done about them and they bury the real error.
+    """
+    exc, obj = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+    code = getattr(obj, "cr_code", None)
+    orbax_coroutine = code is not None and "orbax" in code.co_filename
+    if closed_loop or orbax_coroutine:
+        return
+    _previous_unraisablehook(unraisable)
+
+
+def quiet_failed_restore() -> None:
+    """Called after a restore failed: silences its leftovers (see `_drop_orbax_teardown`)
+    and collects the abandoned coroutines now rather than at interpreter exit."""
+    global _previous_unraisablehook
+    if _previous_unraisablehook is None:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _drop_orbax_teardown
+    gc.collect()
 
 
 def describe_error(err: BaseException, step_dir) -> str:

@@ -44,6 +44,21 @@ _CHECKSUMS = "_checksums"  # meta key holding the state's per-leaf digests
 _MISSING = "<missing>"
 
 
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+    """Drops orbax's warning that a read-only manager's directory "is read only" (asked for)."""
+
+    def keep(record) -> bool:
+        return "is read only" not in record.getMessage()
+
+    logger = logging.get_absl_logger()
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def _jsonable(obj: Any) -> Any:
     """Round-trips through JSON so tuples become lists and numpy scalars become Python ones.
 
@@ -152,9 +167,11 @@ class Checkpointer:
             if not self.directory.exists():
                 raise FileNotFoundError(f"{self.directory}: no checkpoint directory")
             options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                                   cleanup_tmp_directories=False)
-            self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, META),
-                                                  options=options)
+                                                   cleanup_tmp_directories=False,
+                                                   save_interval_steps=0)
+            with _quiet_read_only_notice():
+                self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, META),
+                                                      options=options)
             return
         preserve: ocm.PreservationPolicy = ocm.LatestN(keep)
         if keep_period:
@@ -268,7 +285,9 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
-            raise CheckpointCorruptError(f"step {step}: {integrity.describe_error(err, step_dir)}") from err
+            integrity.quiet_failed_restore()
+            why = integrity.describe_error(err, step_dir)
+            raise CheckpointCorruptError(f"step {step}: {why}") from err
         state, meta = restored[STATE], dict(restored[META])
         saved = meta.pop(_CHECKSUMS, None)
         if saved is None:
@@ -387,6 +406,7 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None,
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(path, abstract_params)
     except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
+        integrity.quiet_failed_restore()
         raise CheckpointCorruptError(f"{integrity.describe_error(err, path)}") from err
     bad = integrity.mismatches(params, checksums) if checksums else []
     if bad:

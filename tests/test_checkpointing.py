@@ -1,6 +1,7 @@
 """Tests for rlhf_jax.checkpointing: policy, round trip of optax/flax state, cross-mesh restore."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rlhf_jax import checkpoint_integrity as integrity
 from rlhf_jax import checkpointing, runtime
 from tests.conftest import require_devices
 
@@ -276,3 +278,135 @@ def test_async_save_survives_donation_of_saved_buffers(tmp_path):
         ckpt.wait_until_finished()
         restored, _ = ckpt.restore(1, abstract)
     _assert_same(restored, expected)
+
+
+# ---------------------------------------------------------------- integrity and corruption
+
+
+def _two_steps(tmp_path):
+    states = {step: {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) * step,
+                     "step": jnp.asarray(step, jnp.int32)} for step in (1, 2)}
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, {"step": step})
+    return states, checkpointing.abstract_state(states[1])
+
+
+def _largest_data_file(item_dir):
+    files = [p for p in item_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(item_dir):
+    path = _largest_data_file(item_dir)
+    os.truncate(path, path.stat().st_size // 2)
+    return "OUT_OF_RANGE.*params|Error reading"
+
+
+def _flip(item_dir):
+    path = _largest_data_file(item_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    return "checksum mismatch|Error reading|decod"
+
+
+def _break_metadata(item_dir):
+    (item_dir / "_METADATA").write_text('{"tree_metadata": ')
+    return r"_METADATA: not valid JSON"
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _flip, _break_metadata],
+                         ids=["truncated", "flipped", "metadata"])
+def test_corrupt_latest_step_falls_back_and_is_set_aside(tmp_path, corrupt):
+    states, abstract = _two_steps(tmp_path)
+    why = corrupt(tmp_path / "2" / "state")
+    broken = {p.relative_to(tmp_path / "2"): p.read_bytes()
+              for p in (tmp_path / "2").rglob("*") if p.is_file()}
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        with pytest.raises(checkpointing.CheckpointCorruptError) as err:
+            ckpt.restore(2, abstract)
+        assert str(err.value).startswith("step 2: ") and str(tmp_path / "2") in str(err.value)
+        assert re.search(why, str(err.value)), str(err.value)
+        step, state, meta = ckpt.restore_latest(abstract)
+        assert (step, meta) == (1, {"step": 1})
+        _assert_same(state, states[1])
+        assert ckpt.all_steps() == [1]
+        # The run goes on from step 1 and saves step 2 again.
+        assert ckpt.save(2, states[2], {"step": 2})
+    (moved,) = (tmp_path / "corrupt").iterdir()
+    assert re.fullmatch(r"2-\d{8}T\d{6}Z", moved.name)
+    assert {p.relative_to(moved): p.read_bytes() for p in moved.rglob("*") if p.is_file()} == broken
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        _assert_same(ckpt.restore(2, abstract)[0], states[2])
+
+
+def test_no_restorable_step_lists_every_step_and_moves_nothing(tmp_path):
+    _, abstract = _two_steps(tmp_path)
+    _truncate(tmp_path / "2" / "state")
+    _break_metadata(tmp_path / "1" / "state")
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        with pytest.raises(checkpointing.NoRestorableCheckpointError) as err:
+            ckpt.restore_latest(abstract)
+    msg = str(err.value)
+    assert "none of the 2 checkpoints" in msg and "step 2: " in msg and "step 1: " in msg
+    assert "1/state/_METADATA: not valid JSON" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+@require_devices(8)
+def test_checksums_ignore_the_mesh_and_catch_one_bit():
+    w = jnp.arange(8 * 16, dtype=jnp.float32).reshape(8, 16)
+    tree = {"w": w, "b": jnp.ones(5, jnp.bfloat16), "n": jnp.asarray(3)}
+    plain = integrity.tree_checksums(tree)
+    sharded = dict(tree, w=jax.device_put(w, NamedSharding(_mesh((8,), ("fsdp",)), P("fsdp"))))
+    assert integrity.tree_checksums(sharded) == plain
+    assert integrity.mismatches(sharded, plain) == []
+    bits = np.asarray(w).copy()
+    bits.view(np.uint32)[3, 5] ^= 1  # the lowest mantissa bit of one element
+    assert integrity.mismatches(dict(tree, w=bits), plain) == [
+        f"w: digest {integrity.tree_checksums({'w': bits})['w']} != saved {plain['w']}"]
+    # Swapping two elements changes the digest too (it depends on positions).
+    swapped = np.asarray(w).copy()
+    swapped[0, 0], swapped[0, 1] = swapped[0, 1], swapped[0, 0]
+    assert integrity.tree_checksums({"w": swapped})["w"] != plain["w"]
+
+
+def test_read_only_reader_leaves_a_save_in_progress_alone(tmp_path):
+    states, abstract = _two_steps(tmp_path)
+    # A live run's save in progress: orbax writes `<step>.orbax-checkpoint-tmp-<ts>`.
+    shutil.copytree(tmp_path / "2", tmp_path / "3.orbax-checkpoint-tmp-1712345678")
+
+    def snapshot():
+        return {str(p.relative_to(tmp_path)): (p.stat().st_mtime_ns, p.stat().st_size)
+                for p in tmp_path.rglob("*")}
+
+    before = snapshot()
+    with checkpointing.Checkpointer(tmp_path, save_every=1, read_only=True) as ckpt:
+        step, state, _ = ckpt.restore_latest(abstract)
+        assert step == 2
+        with pytest.raises(RuntimeError, match="read-only"):
+            ckpt.save(4, state, {})
+    _assert_same(state, states[2])
+    assert snapshot() == before
+    # A broken newest step is skipped, but a reader moves nothing aside.
+    _truncate(tmp_path / "2" / "state")
+    with checkpointing.Checkpointer(tmp_path, save_every=1, read_only=True) as ckpt:
+        assert ckpt.restore_latest(abstract)[0] == 1
+    assert not (tmp_path / "corrupt").exists() and (tmp_path / "2").is_dir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        checkpointing.Checkpointer(tmp_path / "none", save_every=1, read_only=True)
+    assert not (tmp_path / "none").exists()
+
+
+def test_load_params_verifies_and_names_the_file(tmp_path):
+    params = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64)}
+    digests = checkpointing.save_params(tmp_path / "model", params)
+    _assert_same(checkpointing.load_params(tmp_path / "model", checksums=digests), params)
+    _flip(tmp_path / "model")
+    with pytest.raises(checkpointing.CheckpointCorruptError, match=str(tmp_path / "model")):
+        checkpointing.load_params(tmp_path / "model", checksums=digests)
+    _break_metadata(tmp_path / "model")
+    with pytest.raises(checkpointing.CheckpointCorruptError,
+                       match=re.escape(str(tmp_path / "model" / "_METADATA"))):
+        checkpointing.load_params(tmp_path / "model", checksums=digests)
