@@ -240,9 +240,13 @@ def current_umask() -> int:
     return mask
 
 
-def apply_umask_to_dir(path: str | os.PathLike) -> None:
-    """Gives a directory made by `tempfile.mkdtemp` (0700) the mode `os.makedirs` would give."""
-    os.chmod(path, 0o777 & ~current_umask())
+def apply_umask(path: str | os.PathLike) -> None:
+    """Gives a file or directory the mode `open`/`os.makedirs` would have, under the umask.
+
+    For what libraries create private (0600/0700): `tempfile.mkdtemp`, safetensors' writer.
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -5,15 +5,18 @@
 Faults (the process kills itself with SIGKILL, as `kill -9` or a lost VM would):
   kill_on_commit:N   when orbax renames its N-th temporary checkpoint directory into place: a
                      save in progress, every file written and nothing committed;
-  kill_after_step:N  right after the metrics row of step N reached the file (between saves);
+  kill_after_step:N  right after the metrics row of step N reached the file, once a checkpoint
+                     is committed (saves are asynchronous), so that there is one to resume;
   kill_on_replace:NAME  when an atomic write is about to move its finished temporary file onto
                      a file called NAME (a label export in progress).
 """
 
 import os
+import re
 import runpy
 import signal
 import sys
+import time
 
 
 def _die():
@@ -28,7 +31,9 @@ def arm(fault: str) -> None:
         count, rename = [0], os.rename
 
         def fatal_rename(src, dst, *a, **kw):
-            if ".orbax-checkpoint-tmp" in os.fspath(src):
+            # The step directory's rename is the commit ("4.orbax-checkpoint-tmp" -> "4");
+            # item directories inside it are renamed before.
+            if re.fullmatch(r"\d+\.orbax-checkpoint-tmp.*", os.path.basename(os.fspath(src))):
                 count[0] += 1
                 if count[0] == int(arg):
                     _die()
@@ -44,6 +49,11 @@ def arm(fault: str) -> None:
             write(self, step, values, *a, **kw)
             if step == int(arg):
                 self.flush()
+                ckpt = os.path.join(self._workdir, "checkpoints")
+                deadline = time.time() + 120
+                while time.time() < deadline and not any(
+                        name.isdigit() for name in os.listdir(ckpt)):
+                    time.sleep(0.05)
                 _die()
 
         metrics.MetricWriter.write = fatal_write

@@ -243,13 +243,14 @@ def save_hf_checkpoint(params, config: GPT2Config, out_dir: str) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
     try:
-        # mkdtemp makes the directory 0700; give it the mode of any directory the user makes.
-        runtime.apply_umask_to_dir(tmp)
         hf_config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         heads = {k: v for k, v in params.items() if k != "transformer"}
         if heads:
             save_file(_flatten(heads), os.path.join(tmp, HEADS_FILE))
+        # mkdtemp and safetensors create 0700 / 0600: give everything the user's usual modes.
+        for name in [tmp, *(os.path.join(tmp, f) for f in os.listdir(tmp))]:
+            runtime.apply_umask(name)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
