@@ -243,6 +243,27 @@ def postprocess_responses(responses, spec: TaskSpec):
     return xp.where(after, xp.asarray(spec.pad_id, responses.dtype), responses)
 
 
+def stop_mask(responses, spec: TaskSpec):
+    """1.0 up to and including each response's stop token, 0.0 after it (`ppo.mask_after_stop`).
+
+    The stop token is the first `truncate_token` at an index >= `truncate_after`, the one
+    `postprocess_responses` cuts after. A response without one (invalid, or no truncate_token)
+    keeps every position.
+
+    Args:
+        responses: int32[B, response_length].
+        spec: the task settings.
+
+    Returns:
+        float32[B, response_length], a prefix of ones per row.
+    """
+    xp = _xp(responses)
+    if spec.truncate_token is None:
+        return xp.ones(responses.shape, xp.float32)
+    hits = _truncation_hits(responses, spec).astype(xp.int32)
+    return ((xp.cumsum(hits, axis=-1) - hits) == 0).astype(xp.float32)
+
+
 def responses_valid(responses, spec: TaskSpec):
     """Whether each response has the truncation token at some index >= truncate_after.
 
