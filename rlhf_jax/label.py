@@ -29,6 +29,7 @@ from rlhf_jax import (
     runtime,
     sampling,
     sharding,
+    style_scorers,
     summary_scorers,
 )
 from rlhf_jax.data import labels as labels_lib
@@ -36,18 +37,26 @@ from rlhf_jax.data import summarization, tasks
 
 logger = logging.getLogger(__name__)
 
+# Every scorer a mock labeler can be built from (`labeler.kind`): the one place that maps names
+# to scorers, for label.py and anything else that picks a labeler by name.
+SCORER_KINDS = ("vader", "descriptiveness", "copying", "rouge")
+
 
 def make_scorer(config: ml_collections.ConfigDict, tok=None, spec=None) -> labelers.Scorer:
-    """The mock labeler's scorer named by `config.labeler.kind`.
+    """The mock labeler's scorer named by `config.labeler.kind` (one of `SCORER_KINDS`).
 
-    "vader": VADER compound sentiment of `labeler.field`. "copying": prefers responses made of
-    sentences copied from the article (`summary_scorers.CopyingScorer`). "rouge": prefers
-    responses closer to the article's reference summary by ROUGE-L (needs a summarization
-    query dataset, and `tok` and `spec` to match decoded queries to their references).
+    "vader": VADER compound sentiment of `labeler.field`. "descriptiveness": the share of vivid
+    words (adjectives and adverbs) of `labeler.field` (`style_scorers.DescriptivenessScorer`).
+    "copying": prefers responses made of sentences copied from the article
+    (`summary_scorers.CopyingScorer`). "rouge": prefers responses closer to the article's
+    reference summary by ROUGE-L (needs a summarization query dataset, and `tok` and `spec` to
+    match decoded queries to their references).
     """
     kind = config.labeler.kind
     if kind == "vader":
         return labelers.VaderSentimentScorer(config.labeler.field)
+    if kind == "descriptiveness":
+        return style_scorers.DescriptivenessScorer(config.labeler.field)
     if kind == "copying":
         return summary_scorers.CopyingScorer(ngram=config.labeler.get("copy_ngram", 0))
     if kind == "rouge":
@@ -64,7 +73,7 @@ def make_scorer(config: ml_collections.ConfigDict, tok=None, spec=None) -> label
             if query is not None:  # keyed by the query as the labeler sees it: decoded tokens
                 refs[labelers.decode_tokens(tok, query[None], spec.pad_id)[0]] = ref
         return summary_scorers.RougeToReferenceScorer(refs)
-    raise ValueError(f"labeler.kind={kind!r}: known kinds are 'vader', 'copying' and 'rouge'")
+    raise ValueError(f"labeler.kind={kind!r}: known kinds are {', '.join(SCORER_KINDS)}")
 
 
 def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels: int = 0) -> dict:
