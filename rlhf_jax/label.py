@@ -8,8 +8,9 @@ task temperature (as the paper's labelers saw), post-processed exactly as in tra
 after the truncation token), decoded and shown to a mock labeler (`config.labeler`), which picks
 the best. As in the paper, the labeler sees only samples that pass the task's validity check
 (`labeler.invalid_samples="resample"`: invalid samples are re-drawn, a query that finds no N
-valid samples is dropped; the counts are logged and returned). The output is a JSON array in the released label files' format (spec §5.2), written
-atomically; `train_reward` reads it back with full validation.
+valid samples is dropped; the counts are logged and returned). The output is a JSON array in
+the released label files' format (spec §5.2), written atomically; `train_reward` reads it back
+with full validation.
 """
 
 from __future__ import annotations

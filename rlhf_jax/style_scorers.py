@@ -17,7 +17,9 @@ be a noun or verb; otherwise the share of its readings that are adjective or adv
 ADJ, NOUN, VERB -> 1/3; "house", which the lexicon also lists as an adjective, 1/3; "window" 0).
 Closed-class words that the lexicon also lists as adjectives or adverbs ("to", "then", "there",
 "very", "under", ...) get 0: they are not description. An -ly word missing from the lexicon
-whose base is an adjective ("lazily" <- "lazy") is an adverb. The score is a density in [0, 1]; `target_words` keeps a one-word response such as
+whose base is an adjective ("lazily" <- "lazy") is an adverb.
+
+The score is a density in [0, 1]; `target_words` keeps a one-word response such as
 "Beautiful." from beating a descriptive sentence.
 """
 

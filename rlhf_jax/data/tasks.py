@@ -359,6 +359,30 @@ class QueryDataset:
         self.queries = np.stack(queries)  # [N, query_length]
         self._perm_cache: dict[int, np.ndarray] = {}
 
+    @classmethod
+    def from_queries(cls, queries: np.ndarray, spec: TaskSpec, *,
+                     shuffle_seed: int = 0) -> "QueryDataset":
+        """A stream over ready-made queries (a label file's), used exactly as they are.
+
+        Args:
+            queries: int[N, query_length] right-padded queries (`spec.pad_id`).
+            spec: the task settings.
+            shuffle_seed: seed of the per-epoch permutations.
+
+        Returns:
+            The dataset; the start/end rules are not applied again.
+        """
+        queries = np.asarray(queries, np.int32)
+        if queries.ndim != 2 or queries.shape[1] != spec.query_length or not len(queries):
+            raise ValueError(f"expected queries [N > 0, {spec.query_length}], got {queries.shape}")
+        self = cls.__new__(cls)
+        self.spec, self.shuffle_seed = spec, shuffle_seed
+        self.skipped, self.num_truncated = collections.Counter(), 0
+        self.queries = queries
+        self._perm_cache = {}
+        logger.info("QueryDataset: %d ready-made queries", len(queries))
+        return self
+
     def __len__(self) -> int:
         return len(self.queries)
 
