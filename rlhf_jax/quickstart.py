@@ -167,8 +167,8 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     last = train_policy.train_policy(config, policy_dir)
     logger.info("[5/5] samples of the initial and the trained policy on held-out queries")
     t = config.task
-    items = summarization.texts_and_references(t.query_dataset, "test", t.query_data_dir,
-                                               num_queries)
+    items = summarization.texts_and_references(experiment.query_source(config), "test",
+                                               t.query_data_dir, num_queries)
     texts = [text for text, _ in items]
     refs = [ref for _, ref in items] if all(ref is not None for _, ref in items) else None
     gpt_cfg = experiment.gpt2_config(config)

@@ -107,7 +107,7 @@ class SFTSetup:
         if s.dataset:
             self.dataset, data_dir = s.dataset, s.data_dir
         else:
-            self.dataset = config.task.query_dataset
+            self.dataset = experiment.query_source(config)
             data_dir = config.task.get("query_data_dir", "")
         if s.mode == "summarize" and not summarization.is_summarization_source(self.dataset):
             raise validation.ConfigError(
@@ -133,8 +133,9 @@ class SFTSetup:
         if n == 0:
             return queries, refs
         items = summarization.texts_and_references(self.dataset, split, data_dir, 50 * n)
+        rules = experiment.text_query_spec(self.config, self.spec)
         for article, ref in items:
-            query = tasks.make_query(self.tok.encode(article), self.spec)
+            query = tasks.make_query(self.tok.encode(article), rules)
             if query is not None:
                 queries.append(query)
                 refs.append(ref)

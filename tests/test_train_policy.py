@@ -236,3 +236,36 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(random_rm, tmp_pat
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     rows = _rows(workdir)
     assert rows and all(np.isfinite(r["ppo/loss/total"]) and r["step"] < bad for r in rows)
+
+
+def test_mask_after_stop_ignores_everything_after_the_stop_token(random_rm):
+    """ppo.mask_after_stop (with an entropy bonus): the rollout stores the stop mask, and the
+    update is blind to tokens, log-probs, values and rewards after each stop token."""
+    cfg = tiny_config(mask_after_stop=True, ent_coef=0.01)
+    mesh = sharding.make_mesh()
+    fns, to_rollout, state, ref, rm, dataset, rules, spec = _functions(cfg, mesh, random_rm)
+    with sharding.mesh_context(mesh, rules):
+        queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
+        data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
+                                     queries, state["kl_coef"], jax.random.key(0))
+        data = {k: np.array(v) for k, v in jax.device_get(data).items()}
+        np.testing.assert_array_equal(data["mask"], tasks.stop_mask(data["responses"], spec))
+        # A random tiny model never stops by itself: put a '.' at index 18 in half the rows.
+        data["responses"][::2, 18] = spec.truncate_token
+        data["mask"] = tasks.stop_mask(data["responses"], spec)
+        assert data["mask"][::2].sum(1).tolist() == [19] * 8
+        poisoned = {k: v.copy() for k, v in data.items()}
+        after = data["mask"] == 0
+        rng = np.random.default_rng(0)
+        poisoned["responses"][after] = rng.integers(0, 50257, after.sum())
+        for key in ("logprobs", "values", "rewards"):
+            poisoned[key][after] = rng.normal(size=after.sum()) * 100
+        copy = jax.tree.map(jnp.copy, state)
+        new, train_stats, _ = fns.update(state, data, jax.random.key(1))
+        new_poisoned, stats_poisoned, _ = fns.update(copy, poisoned, jax.random.key(1))
+    for k in train_stats:
+        np.testing.assert_allclose(float(train_stats[k]), float(stats_poisoned[k]), rtol=1e-5,
+                                   err_msg=k)
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(new_poisoned["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert np.isfinite(float(train_stats["ppo/loss/total"]))

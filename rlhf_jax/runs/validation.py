@@ -125,10 +125,15 @@ def check_labeler(config: ConfigDict, mesh=None) -> None:
     check_labels(config, need_path=False)
     if not isinstance(label_types.get_label_type(config.labels.type), label_types.BestOfN):
         _fail("labels.type", config.labels.type, "mock labelers write best_of_N labels")
-    _choice(config, "labeler.kind", ("vader", "copying", "rouge"))
+    from rlhf_jax import label  # the labeler's entry point; it imports this module
+
+    _choice(config, "labeler.kind", label.SCORER_KINDS)
     _floats(config, 0.0, math.inf, "labeler.temperature")
     _ints(config, 1, "labeler.rollout_batch_size")
     _ints(config, 0, "labeler.query_offset", "labeler.seed", "labeler.copy_ngram")
+    if "invalid_samples" in config.labeler:
+        _choice(config, "labeler.invalid_samples", label.INVALID_SAMPLES)
+        _ints(config, 0, "labeler.resample_rounds")
     if mesh is not None:
         _divisible("labeler.rollout_batch_size", config.labeler.rollout_batch_size, mesh)
 
@@ -165,7 +170,8 @@ def check_ppo(config: ConfigDict, mesh=None) -> None:
 
     _ints(config, 1, "ppo.total_episodes", "ppo.batch_size", "ppo.nminibatches",
           "ppo.noptepochs", "ppo.whiten_groups", "ppo.kl.horizon")
-    _floats(config, 0.0, math.inf, "ppo.lr", "ppo.vf_coef", "ppo.max_grad_norm", "ppo.kl.coef")
+    _floats(config, 0.0, math.inf, "ppo.lr", "ppo.vf_coef", "ppo.max_grad_norm", "ppo.kl.coef",
+            *(["ppo.ent_coef"] if "ent_coef" in config.ppo else []))
     _floats(config, 0.0, math.inf, "ppo.cliprange", "ppo.cliprange_value", "ppo.adam_eps",
             "ppo.kl.target", low_open=True)
     _floats(config, 0.0, 1.0, "ppo.gamma", "ppo.lam")
