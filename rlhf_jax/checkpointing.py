@@ -290,7 +290,7 @@ class Checkpointer:
             raise CheckpointCorruptError(f"step {step}: {why}") from err
         state, meta = restored[STATE], dict(restored[META])
         saved = meta.pop(_CHECKSUMS, None)
-        if saved is None:
+        if not saved:
             logging.warning("checkpoint: step %d in %s has no checksums (written by an older "
                             "version); its arrays are not verified", step, self.directory)
         else:

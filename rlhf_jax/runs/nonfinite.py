@@ -120,5 +120,6 @@ class NonFiniteGuard:
                  if self.checkpoint_dir else "")
         raise NonFiniteError(
             f"{self.where}: non-finite {', '.join(quantities)} at step {step}; stopping before "
-            f"it is saved{where}. Lower the learning rate or check the data, then rerun to "
+            f"it is saved{where}. Fix the cause (the data, or a lower learning rate: resuming "
+            "with a changed config needs --config.allow_config_change=True), then rerun to "
             "resume from that checkpoint", step, quantities)
