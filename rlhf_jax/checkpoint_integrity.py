@@ -19,7 +19,6 @@ words per leaf (and one compilation per state layout and process).
 from __future__ import annotations
 
 import datetime
-import gc
 import json
 import re
 import sys
@@ -152,34 +151,40 @@ def check_json_files(step: int | None, step_dir, names: tuple[str, ...]) -> None
 _PATH_IN_MESSAGE = re.compile(r'(?:local file|file) "([^"]+)"')
 
 
-_previous_unraisablehook = None
+_previous_hooks: dict[str, Any] = {}
 
 
-def _drop_orbax_teardown(unraisable) -> None:
-    """`sys.unraisablehook` that drops the leftovers of a failed orbax restore, else forwards.
-
-    A restore that fails on one array leaves orbax's other reads pending in an event loop
-    that orbax then closes: when TensorStore finishes them, their callbacks raise "Event loop
-    is closed", and the abandoned coroutines raise again when collected (at exit:
-    "sys.meta_path is None"). Nothing can be done about them and they bury the real error.
-    """
-    exc, obj = unraisable.exc_value, unraisable.object
-    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+def _is_orbax_leftover(exc: BaseException | None, obj: Any = None) -> bool:
+    """An abandoned read of a failed orbax restore (see `quiet_orbax_leftovers`)."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
     code = getattr(obj, "cr_code", None)
-    orbax_coroutine = code is not None and "orbax" in code.co_filename
-    if closed_loop or orbax_coroutine:
-        return
-    _previous_unraisablehook(unraisable)
+    return code is not None and "orbax" in code.co_filename
 
 
-def quiet_failed_restore() -> None:
-    """Called after a restore failed: silences its leftovers (see `_drop_orbax_teardown`)
-    and collects the abandoned coroutines now rather than at interpreter exit."""
-    global _previous_unraisablehook
-    if _previous_unraisablehook is None:
-        _previous_unraisablehook = sys.unraisablehook
-        sys.unraisablehook = _drop_orbax_teardown
-    gc.collect()
+def _unraisablehook(unraisable) -> None:
+    if not _is_orbax_leftover(unraisable.exc_value, unraisable.object):
+        _previous_hooks["unraisablehook"](unraisable)
+
+
+def _excepthook(exc_type, exc, tb) -> None:
+    if not _is_orbax_leftover(exc):
+        _previous_hooks["excepthook"](exc_type, exc, tb)
+
+
+def quiet_orbax_leftovers() -> None:
+    """Keeps the leftovers of a failed orbax restore off stderr (installed once per process).
+
+    A restore that fails on one array leaves orbax's other reads pending in an event loop that
+    orbax then closes. When TensorStore finishes them, their callbacks raise "Event loop is
+    closed" (printed through `sys.excepthook`, from TensorStore's threads), and the abandoned
+    coroutines raise again when collected (`sys.unraisablehook`; at exit: "sys.meta_path is
+    None"). Nothing can be done about them and they bury the real error; only these two kinds
+    are dropped, everything else reaches the hooks that were installed before.
+    """
+    if not _previous_hooks:
+        _previous_hooks.update(unraisablehook=sys.unraisablehook, excepthook=sys.excepthook)
+        sys.unraisablehook, sys.excepthook = _unraisablehook, _excepthook
 
 
 def describe_error(err: BaseException, step_dir) -> str:

@@ -22,6 +22,7 @@ created, cleaned up or moved, so a live run's in-progress save survives them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -159,7 +160,7 @@ class Checkpointer:
                 of a save in progress, move nothing aside. `save_every` is then ignored.
         """
         if save_every <= 0:
-            raise ValueError(f"ckpt_every must be positive, got {save_every}")
+            raise ValueError(f"save_every (the config's ckpt_every) must be >= 1, got {save_every}")
         self.directory = _as_path(directory)
         self.read_only = read_only
         self._closed = False
@@ -279,13 +280,14 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}")
         step_dir = self.directory / str(step)
         integrity.check_json_files(step, step_dir, (STATE + "/_METADATA", META + "/metadata"))
+        integrity.quiet_orbax_leftovers()
         args = ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
         )
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
-            integrity.quiet_failed_restore()
+            gc.collect()  # the abandoned reads' coroutines go now, not at interpreter exit
             why = integrity.describe_error(err, step_dir)
             raise CheckpointCorruptError(f"step {step}: {why}") from err
         state, meta = restored[STATE], dict(restored[META])
@@ -333,9 +335,9 @@ class Checkpointer:
     def commit_on_error(self) -> Iterator[Checkpointer]:
         """Wraps a training loop: if it raises (a non-finite loss, Ctrl-C, an OOM), the saves
         already started are committed and the manager is closed before the error propagates,
-        so the run directory keeps its last good step and no background thread of orbax is
-        left to fail at interpreter exit ("Event loop is closed"). The manager stays open on
-        normal exit and on SystemExit (a requested stop closes it itself).
+        so the run directory keeps its last good step and no orbax thread outlives the error.
+        The manager stays open on normal exit and on SystemExit (a requested stop closes it
+        itself).
         """
         try:
             yield self
@@ -402,11 +404,12 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None,
     """
     path = _as_path(path)
     integrity.check_json_files(None, path, ("_METADATA",))
+    integrity.quiet_orbax_leftovers()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(path, abstract_params)
     except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
-        integrity.quiet_failed_restore()
+        gc.collect()
         raise CheckpointCorruptError(f"{integrity.describe_error(err, path)}") from err
     bad = integrity.mismatches(params, checksums) if checksums else []
     if bad:

@@ -402,7 +402,9 @@ def test_read_only_reader_leaves_a_save_in_progress_alone(tmp_path):
 def test_load_params_verifies_and_names_the_file(tmp_path):
     params = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64)}
     digests = checkpointing.save_params(tmp_path / "model", params)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
     _assert_same(checkpointing.load_params(tmp_path / "model", checksums=digests), params)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
     _flip(tmp_path / "model")
     with pytest.raises(checkpointing.CheckpointCorruptError, match=str(tmp_path / "model")):
         checkpointing.load_params(tmp_path / "model", checksums=digests)
@@ -410,3 +412,60 @@ def test_load_params_verifies_and_names_the_file(tmp_path):
     with pytest.raises(checkpointing.CheckpointCorruptError,
                        match=re.escape(str(tmp_path / "model" / "_METADATA"))):
         checkpointing.load_params(tmp_path / "model", checksums=digests)
+
+
+_BROKEN_RESTORE_CHILD = textwrap.dedent("""
+    import os, sys
+    import jax.numpy as jnp
+    from rlhf_jax import checkpointing
+    state = {f"w{i}": jnp.arange(4096.0 * (i + 1)).reshape(64, -1) for i in range(6)}
+    with checkpointing.Checkpointer(sys.argv[1], save_every=1) as ckpt:
+        ckpt.save(1, state, {})
+        ckpt.save(2, state, {})
+    for step in ("1", "2"):
+        d = os.path.join(sys.argv[1], step, "state", "ocdbt.process_0", "d")
+        for name in os.listdir(d):
+            os.truncate(os.path.join(d, name), 10)
+    ckpt = checkpointing.Checkpointer(sys.argv[1], save_every=1)
+    ckpt.restore_latest(checkpointing.abstract_state(state))  # raises: nothing restores
+""")
+
+
+def test_a_failed_restore_ends_with_its_error_not_orbax_noise(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(_BROKEN_RESTORE_CHILD)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-4:]
+    assert last[0].startswith("rlhf_jax.checkpoint_integrity.NoRestorableCheckpointError: none "
+                              "of the 2 checkpoints"), proc.stderr[-3000:]
+    assert "Exception ignored" not in proc.stderr and "Event loop is closed" not in proc.stderr
+
+
+def test_orbax_leftover_filter_drops_only_its_leftovers(monkeypatch):
+    """After a failed restore, orbax's abandoned reads raise "Event loop is closed" from
+    TensorStore callbacks (through sys.excepthook) and again when their coroutines are
+    collected (sys.unraisablehook); only those are dropped, everything else gets through."""
+    import types
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    monkeypatch.setattr(sys, "excepthook", lambda t, e, tb: seen.append(e))
+    monkeypatch.setattr(integrity, "_previous_hooks", {})
+    integrity.quiet_orbax_leftovers()
+    namespace = {}
+    exec(compile("async def read(): pass", "/venv/orbax/checkpoint/serialization.py", "exec"),
+         namespace)
+    orbax_coroutine = namespace["read"]()
+    closed, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
+    sys.unraisablehook(types.SimpleNamespace(exc_value=closed, object=None))
+    sys.unraisablehook(types.SimpleNamespace(exc_value=GeneratorExit(), object=orbax_coroutine))
+    sys.excepthook(RuntimeError, closed, None)
+    sys.unraisablehook(types.SimpleNamespace(exc_value=other, object=None))
+    sys.excepthook(ValueError, ValueError("real"), None)
+    orbax_coroutine.close()
+    assert [str(e) for e in seen] == ["something else", "real"]
