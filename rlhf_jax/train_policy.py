@@ -76,8 +76,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs PPO to `ppo.total_episodes`; returns the last iteration's metrics."""
     p = config.ppo
     mesh, rules = validation.validate_with_mesh(config, SECTIONS)
-    if not config.rewards.trained_model:  # the reward stage below reads the label file
-        validation.check_labels(config, need_path=True)
+    validation.check_reward_source(config)
     settings = ppo_trainer.PPOSettings.from_config(p)
     gpt_cfg = experiment.gpt2_config(config)
     tok = experiment.tokenizer(config)

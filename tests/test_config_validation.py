@@ -146,3 +146,16 @@ def test_cli_names_the_field_and_creates_nothing(tmp_path):
     assert "ConfigError: --config.ckpt_every=0: must be >= 1" in out.stderr
     assert "save_every" not in out.stderr
     assert not workdir.exists()
+
+
+def test_reward_source_of_a_ppo_run(tmp_path):
+    cfg = load_config()
+    cfg.rewards.trained_model = str(tmp_path / "missing")
+    with pytest.raises(validation.ConfigError, match=r"--config.rewards.trained_model=.*missing'"
+                                                     r": does not exist"):
+        validation.check_reward_source(cfg)
+    cfg.rewards.trained_model, cfg.labels.path = "", ""  # train one, but from what?
+    with pytest.raises(validation.ConfigError, match=r"--config.labels.path='': give a label"):
+        validation.check_reward_source(cfg)
+    cfg.rewards.trained_model = str(tmp_path)
+    validation.check_reward_source(cfg)

@@ -85,9 +85,12 @@ def _read_gcs(path: str) -> str:
     except ImportError as e:
         raise _gcs_missing(path, e) from e
     try:
-        return _decode(epath.Path(path).read_bytes(), path)
+        return epath.Path(path).read_text(encoding="utf-8")
     except ImportError as e:  # etils raises this lazily when gcsfs/tensorflow are absent
         raise _gcs_missing(path, e) from e
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 text (offset {e.start}); expected a text or "
+                          "JSON file") from None
 
 
 def load_texts(

@@ -160,8 +160,15 @@ def check_rewards(config: ConfigDict, mesh=None) -> None:
         _fail("labels.num_train", config.labels.num_train,
               f"is not divisible by rewards.batch_size={r.batch_size} (one epoch uses every "
               "label exactly once)")
-    if r.trained_model and not os.path.isdir(r.trained_model) and "://" not in r.trained_model:
-        _fail("rewards.trained_model", r.trained_model, "does not exist")
+
+
+def check_reward_source(config: ConfigDict) -> None:
+    """What a PPO run scores with: an existing train_reward workdir, or labels to train on."""
+    trained = config.rewards.trained_model
+    if trained and not os.path.isdir(trained) and "://" not in trained:
+        _fail("rewards.trained_model", trained, "does not exist")
+    if not trained:  # train_policy trains a reward model from the label file first
+        check_labels(config, need_path=True)
 
 
 def check_ppo(config: ConfigDict, mesh=None) -> None:
