@@ -18,10 +18,12 @@ words per leaf (and one compilation per state layout and process).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -185,6 +187,21 @@ def quiet_orbax_leftovers() -> None:
     if not _previous_hooks:
         _previous_hooks.update(unraisablehook=sys.unraisablehook, excepthook=sys.excepthook)
         sys.unraisablehook, sys.excepthook = _unraisablehook, _excepthook
+
+
+@contextlib.contextmanager
+def quiet_read_only_notice() -> Iterator[None]:
+    """Drops orbax's warning that a read-only manager's directory "is read only" (asked for)."""
+
+    def keep(record) -> bool:
+        return "is read only" not in record.getMessage()
+
+    logger = logging.get_absl_logger()
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def describe_error(err: BaseException, step_dir) -> str:

@@ -45,21 +45,6 @@ _CHECKSUMS = "_checksums"  # meta key holding the state's per-leaf digests
 _MISSING = "<missing>"
 
 
-@contextlib.contextmanager
-def _quiet_read_only_notice() -> Iterator[None]:
-    """Drops orbax's warning that a read-only manager's directory "is read only" (asked for)."""
-
-    def keep(record) -> bool:
-        return "is read only" not in record.getMessage()
-
-    logger = logging.get_absl_logger()
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
-
-
 def _jsonable(obj: Any) -> Any:
     """Round-trips through JSON so tuples become lists and numpy scalars become Python ones.
 
@@ -170,7 +155,7 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                    cleanup_tmp_directories=False,
                                                    save_interval_steps=0)
-            with _quiet_read_only_notice():
+            with integrity.quiet_read_only_notice():
                 self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, META),
                                                       options=options)
             return

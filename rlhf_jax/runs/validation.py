@@ -230,8 +230,10 @@ def validate(config: ConfigDict, sections: Iterable[str], mesh=None) -> None:
         ConfigError: naming the first invalid `--config.` path and its value.
     """
     for name in sections:
-        check = SECTIONS[name]
-        check(config, mesh) if name in _MESH_SECTIONS else check(config)
+        if name in _MESH_SECTIONS:
+            SECTIONS[name](config, mesh)
+        else:
+            SECTIONS[name](config)
 
 
 def validate_with_mesh(config: ConfigDict, sections: Iterable[str]):
