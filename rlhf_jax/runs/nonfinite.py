@@ -7,7 +7,8 @@ dispatched, the flags of step s-1 are read, which that step has (nearly) finishe
 the device is never idle waiting for the host. `flush()` reads the newest flags; the loops call
 it before a checkpoint is written, before metrics are logged and at the end, so no state is
 ever saved or reported without its check. Used by train_reward (and so by train_policy's reward
-stage and the online loop's reward rounds), train_sft and train_policy.
+stage and the online loop's reward rounds), train_sft and train_policy. (The original asserted
+only that its reward normalisation statistics were finite, spec §3.3.)
 """
 
 from __future__ import annotations

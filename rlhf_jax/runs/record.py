@@ -7,7 +7,9 @@ compares the new config with the last recorded one (the history's last line, els
 field by field. Only the fields in `MUTABLE_ON_RESUME` may differ; any other difference refuses
 the run with the list of `--config.` paths and values, unless `--config.allow_config_change=True`
 says the change is meant, and then the change is recorded. Any field not listed there, including
-fields added to the configs later, counts as changing the run's meaning.
+fields added to the configs later, counts as changing the run's meaning. (The original saved
+its hyperparameters once beside its checkpoints, spec §3.2 step 6 and §6.2, and `sample.py`
+reloaded them from there.)
 """
 
 from __future__ import annotations

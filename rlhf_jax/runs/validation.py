@@ -5,7 +5,9 @@ reads through `validate` first, so a bad value fails in a second, naming the `--
 and the value, instead of as a ZeroDivisionError after minutes of sampling. Sizes and counts
 must be positive, enumerations known, batches divisible over the mesh, and output locations
 writable. Each section function takes the whole config (cross-section rules such as
-`labels.num_train % rewards.batch_size` live with the section that divides).
+`labels.num_train % rewards.batch_size` live with the section that divides). The original
+validated its hyperparameters before launching too (spec §6.2 step 4: typeguard checks plus
+class-specific asserts, e.g. >= 8 rollouts per whitening group, §4.1).
 """
 
 from __future__ import annotations
