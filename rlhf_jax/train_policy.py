@@ -84,45 +84,48 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dataset = experiment.query_dataset(config, tok, spec)
     # Refuses a resume with another config before the reward stage or anything else runs.
     run = loop.TrainRun(config, workdir, trainer="train_policy", ignore_sections=IGNORED_SECTIONS)
-
+    # The reward stage is a run of its own (in {workdir}/reward) with its own start-up checks.
     rm_params, rm_cfg, _ = train_reward.load_reward_model(
         reward_model_dir(config, workdir), mesh, rules, expected_spec=spec)
-    num_updates = math.ceil(p.total_episodes / p.batch_size)
-    tx = ppo_trainer.make_optimizer(p, num_updates)
-    layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
-    heads, repl = layout.heads, sharding.replicated(mesh)
-    to_rollout = layout.to_rollout()
-    fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
-    throughput = flops.Throughput(
-        flops.ppo_config_flops(gpt_cfg, p, spec, rm_cfg)["total"],
-        flops.ppo_iteration_tokens(p.batch_size, spec.context_length, spec.response_length),
-        jax.devices()[0].device_kind, mesh.size, config.model.dtype)
+    with run.starting():  # a failed start in a new workdir leaves none behind
+        num_updates = math.ceil(p.total_episodes / p.batch_size)
+        tx = ppo_trainer.make_optimizer(p, num_updates)
+        layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
+        heads, repl = layout.heads, sharding.replicated(mesh)
+        to_rollout = layout.to_rollout()
+        fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
+        throughput = flops.Throughput(
+            flops.ppo_config_flops(gpt_cfg, p, spec, rm_cfg)["total"],
+            flops.ppo_iteration_tokens(p.batch_size, spec.context_length,
+                                       spec.response_length),
+            jax.devices()[0].device_kind, mesh.size, config.model.dtype)
 
-    rng_init, rng_sample, rng_shuffle = jax.random.split(jax.random.key(config.seed), 3)
-    trunk = experiment.initial_trunk(config, gpt_cfg)
-    ref_params = jax.device_put({"transformer": trunk}, layout.ref)
+        rng_init, rng_sample, rng_shuffle = jax.random.split(jax.random.key(config.seed), 3)
+        trunk = experiment.initial_trunk(config, gpt_cfg)
+        ref_params = jax.device_put({"transformer": trunk}, layout.ref)
 
-    def fresh_state():
-        trainable = {"policy": experiment.with_heads(trunk, gpt_cfg, heads, rng_init)}
-        if settings.separate_value:
-            trainable["value"] = ppo_trainer.value_params_from_reward(rm_params)
-        with sharding.mesh_context(mesh, rules):
-            trainable = jax.device_put(trainable, layout.trainable)
-            opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(trainable)
-        return {"params": trainable, "opt_state": opt_state,
-                "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
-                "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}
+        def fresh_state():
+            trainable = {"policy": experiment.with_heads(trunk, gpt_cfg, heads, rng_init)}
+            if settings.separate_value:
+                trainable["value"] = ppo_trainer.value_params_from_reward(rm_params)
+            with sharding.mesh_context(mesh, rules):
+                trainable = jax.device_put(trainable, layout.trainable)
+                opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(trainable)
+            return {"params": trainable, "opt_state": opt_state,
+                    "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+                    "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}
 
-    run.open(save_every=config.ckpt_every, keep=config.ckpt_keep)
-    run_meta = {"gpt2_config": dict(vars(gpt_cfg)), "task_spec": experiment.spec_dict(spec),
-                "value_model": p.value_model}
-    restored = run.restore(checkpointing.abstract_state(layout.abstract_state, layout.state))
-    if restored is not None:  # (1) resume
-        state, meta = restored
-        checkpointing.check_compatible(meta, run_meta, list(run_meta))
-        last = meta.get("final", {})  # a finished run returns its final metrics again
-    else:  # (2) the initial model
-        state, last = fresh_state(), {}
+        run.open(save_every=config.ckpt_every, keep=config.ckpt_keep)
+        run_meta = {"gpt2_config": dict(vars(gpt_cfg)),
+                    "task_spec": experiment.spec_dict(spec), "value_model": p.value_model}
+        restored = run.restore(checkpointing.abstract_state(layout.abstract_state,
+                                                            layout.state))
+        if restored is not None:  # (1) resume
+            state, meta = restored
+            checkpointing.check_compatible(meta, run_meta, list(run_meta))
+            last = meta.get("final", {})  # a finished run returns its final metrics again
+        else:  # (2) the initial model
+            state, last = fresh_state(), {}
 
     start = int(state["step"])
     progress = metrics_lib.Progress(num_updates, start=start, desc="train_policy",

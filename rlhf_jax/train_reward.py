@@ -250,31 +250,20 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
     trainer = RewardTrainer(setup)
     r = config.rewards
     rng_init, rng_shuffle, rng_sample = jax.random.split(jax.random.key(config.seed), 3)
-    run.open(save_every=config.ckpt_every, keep=config.ckpt_keep)
-    trunk = experiment.initial_trunk(config, setup.gpt_cfg)
-    ref_trunk = jax.device_put({"transformer": trunk}, trainer.trunk_sharding)
     nb = reward_modeling.normalization_num_batches(r.normalize_samples, r.rollout_batch_size)
-    restored = run.restore(checkpointing.abstract_state(trainer.abstract_state(),
-                                                        trainer.state_sharding))
-    if restored is not None:  # (1) resume from the workdir
-        state, meta = restored
-        if meta.get("phase") == "done":
-            run.close()
-            return meta.get("final", {})
-    else:  # (2) the initial model plus a fresh reward head
-        rm_trunk = experiment.reward_trunk(config, setup.gpt_cfg, trunk)
-        params = experiment.with_heads(rm_trunk, setup.gpt_cfg, ("reward",), rng_init)
-        state = trainer.init_state(params)
-        if r.normalize_before:
-            target = label_types.target_mean_std(setup.label_type, setup.train_labels)
-            params, stats, (gain, bias) = trainer.normalize(
-                state["params"], ref_trunk, target, r.normalize_samples, 0, rng_sample,
-                functools.partial(run.guard.check_values, 0))
-            state["params"] = params
-            logger.info("normalize before: ρ rewards %.4f ± %.4f -> target %s (gain %.4f, bias %.4f)",
-                        stats["mean"], stats["std"], target, gain, bias)
-            run.log(0, {"normalize/before_mean": stats["mean"], "normalize/before_std": stats["std"],
-                        "normalize/before_gain": gain, "normalize/before_bias": bias})
+    with run.starting():  # a failed start in a new workdir leaves none behind
+        run.open(save_every=config.ckpt_every, keep=config.ckpt_keep)
+        trunk = experiment.initial_trunk(config, setup.gpt_cfg)
+        ref_trunk = jax.device_put({"transformer": trunk}, trainer.trunk_sharding)
+        restored = run.restore(checkpointing.abstract_state(trainer.abstract_state(),
+                                                            trainer.state_sharding))
+        if restored is not None:  # (1) resume from the workdir
+            state, meta = restored
+            if meta.get("phase") == "done":
+                run.close()
+                return meta.get("final", {})
+        else:  # (2) the initial model plus a fresh reward head
+            state = _fresh_state(run, trainer, trunk, ref_trunk, rng_init, rng_sample)
     state = _train_loop(run, trainer, state, rng_shuffle)
 
     params = state["params"]
@@ -309,6 +298,26 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
         logger.info("held-out accuracy %.3f on %d labels", final["valid/accuracy"],
                     int(final["valid/num_labels"]))
     return final
+
+
+def _fresh_state(run: loop.TrainRun, trainer: RewardTrainer, trunk, ref_trunk, rng_init,
+                 rng_sample):
+    """The initial model plus a fresh reward head, normalised before training if asked."""
+    setup, r = trainer.s, trainer.s.config.rewards
+    rm_trunk = experiment.reward_trunk(setup.config, setup.gpt_cfg, trunk)
+    params = experiment.with_heads(rm_trunk, setup.gpt_cfg, ("reward",), rng_init)
+    state = trainer.init_state(params)
+    if r.normalize_before:
+        target = label_types.target_mean_std(setup.label_type, setup.train_labels)
+        params, stats, (gain, bias) = trainer.normalize(
+            state["params"], ref_trunk, target, r.normalize_samples, 0, rng_sample,
+            functools.partial(run.guard.check_values, 0))
+        state["params"] = params
+        logger.info("normalize before: ρ rewards %.4f ± %.4f -> target %s (gain %.4f, bias %.4f)",
+                    stats["mean"], stats["std"], target, gain, bias)
+        run.log(0, {"normalize/before_mean": stats["mean"], "normalize/before_std": stats["std"],
+                    "normalize/before_gain": gain, "normalize/before_bias": bias})
+    return state
 
 
 def _train_loop(run: loop.TrainRun, trainer: RewardTrainer, state, rng_shuffle):

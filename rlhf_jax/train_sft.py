@@ -277,26 +277,27 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run = loop.TrainRun(config, workdir, trainer="train_sft", ignore_sections=IGNORED_SECTIONS)
     trainer = SFTTrainer(setup)
     s = config.sft
-    run.open(save_every=s.ckpt_every, keep=config.ckpt_keep)
     run_meta = _run_meta(setup)
     with sharding.mesh_context(setup.mesh, setup.rules):
-        restored = run.restore(checkpointing.abstract_state(trainer.abstract_state(),
-                                                            trainer.state_sharding))
-        if restored is not None:  # (1) resume from the workdir
-            state, meta = restored
-            checkpointing.check_compatible(meta, run_meta, list(run_meta))
-            if meta.get("phase") == "done":
-                if not os.path.isdir(os.path.join(workdir, HF_MODEL_DIR)):
-                    export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
-                run.close()
-                return meta.get("final", {})
-        else:  # (2) the initial model of config.model
-            trunk = experiment.initial_trunk(config, setup.gpt_cfg)
-            state = trainer.init_state({"transformer": trunk})
-            before = trainer.evaluate(state["params"])
-            if before:
-                run.log(0, before)
-            run.writer.write_samples(0, trainer.samples(state["params"], 0))
+        with run.starting():  # a failed start in a new workdir leaves none behind
+            run.open(save_every=s.ckpt_every, keep=config.ckpt_keep)
+            restored = run.restore(checkpointing.abstract_state(trainer.abstract_state(),
+                                                                trainer.state_sharding))
+            if restored is not None:  # (1) resume from the workdir
+                state, meta = restored
+                checkpointing.check_compatible(meta, run_meta, list(run_meta))
+                if meta.get("phase") == "done":
+                    if not os.path.isdir(os.path.join(workdir, HF_MODEL_DIR)):
+                        export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
+                    run.close()
+                    return meta.get("final", {})
+            else:  # (2) the initial model of config.model
+                trunk = experiment.initial_trunk(config, setup.gpt_cfg)
+                state = trainer.init_state({"transformer": trunk})
+                before = trainer.evaluate(state["params"])
+                if before:
+                    run.log(0, before)
+                run.writer.write_samples(0, trainer.samples(state["params"], 0))
         final = _train_loop(run, trainer, state, run_meta, workdir)
     run.close()
     if runtime.is_primary():

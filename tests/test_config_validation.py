@@ -159,3 +159,23 @@ def test_reward_source_of_a_ppo_run(tmp_path):
         validation.check_reward_source(cfg)
     cfg.rewards.trained_model = str(tmp_path)
     validation.check_reward_source(cfg)
+
+
+def test_a_start_that_fails_after_making_the_workdir_removes_it(tmp_path):
+    """The initial model is read after the workdir is made; if that fails, the new workdir
+    (with the parents this attempt made) goes again, and an existing one stays."""
+    from rlhf_jax.models import hf_import
+    from tests.test_train_reward import _synthetic_labels
+
+    labels = str(tmp_path / "labels.json")
+    _synthetic_labels(labels, 16)
+    cfg = load_config()
+    cfg.labels.path, cfg.labels.num_train, cfg.labels.num_valid = labels, 16, 0
+    cfg.model.checkpoint = str(tmp_path / "no_such_model")
+    with pytest.raises(hf_import.CheckpointFormatError, match="no_such_model"):
+        train_reward.train_reward(cfg, str(tmp_path / "new" / "rm"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(hf_import.CheckpointFormatError):
+        train_reward.train_reward(cfg, str(tmp_path / "old"))
+    assert (tmp_path / "old").is_dir()

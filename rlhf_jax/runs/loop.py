@@ -4,8 +4,8 @@ train_policy (and so by the online loop's reward rounds).
 A `TrainRun` is one attempt at a run in a workdir:
 1. created after the config is validated: checks the config against the workdir's record
    (`record.check_resume`) before anything is created or restored;
-2. `open(...)`: creates the workdir and opens its checkpoints; a workdir this attempt created is
-   removed again if opening fails;
+2. `open(...)`: creates the workdir and opens its checkpoints; `starting()` wraps the start-up
+   and removes a workdir this attempt created when the start-up fails;
 3. `restore(...)`: the newest checkpoint that restores (broken newer ones are set aside), then
    the start is recorded (config.json once, a config_history.jsonl line each time) and the
    metric writer opened, trimmed to the restored step;
@@ -59,21 +59,41 @@ class TrainRun:
         self.writer: metrics_lib.MetricWriter | None = None
         self.stop: runtime.StopSignal | None = None
         self.start_step = 0
+        self._created: str | None = None
 
     def open(self, *, save_every: int, keep: int) -> checkpointing.Checkpointer:
         """Creates the workdir and opens `{workdir}/checkpoints`."""
-        path = epath.Path(self.workdir)
-        existed = path.exists()
-        path.mkdir(parents=True, exist_ok=True)
-        try:
-            self.ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, CHECKPOINT_DIR),
-                                                   save_every=save_every, keep=keep)
-        except BaseException:
-            if not existed and "://" not in self.workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
-            raise
+        epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        self.ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, CHECKPOINT_DIR),
+                                               save_every=save_every, keep=keep)
         self.guard.checkpoint_dir = str(self.ckpt.directory)
         return self.ckpt
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Wraps the start-up (open, restore, initial state): when it fails in a workdir this
+        attempt created, the directory is removed again, so a failed start leaves nothing.
+
+        What "created" means is decided on entry: the topmost directory of the workdir's path
+        that does not exist yet (none if the workdir exists, e.g. made by a reward stage that
+        ran first and holds a model that must not be lost).
+        """
+        self._created = None
+        if "://" not in self.workdir:
+            top = os.path.abspath(self.workdir)
+            while not os.path.exists(os.path.dirname(top)):
+                top = os.path.dirname(top)
+            self._created = None if os.path.exists(top) else top
+        try:
+            yield
+        except BaseException:
+            if self._created is not None:
+                self.close()
+                shutil.rmtree(self._created, ignore_errors=True)
+                logger.info("%s: start-up failed; removed %s, which it had created",
+                            self.trainer, self._created)
+            raise
+        self._created = None  # from here on the directory holds a run
 
     def restore(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """Restores the newest good checkpoint, records this start and opens the metrics.
