@@ -1,0 +1,523 @@
+"""The label store: every operation on comparisons, leases and labels (spec §5.3).
+
+`LabelStore` is the Python API of the store, used by the web app, the CLI and (for one-machine
+runs) directly by a trainer. Each method is one database transaction, so every acknowledged
+label is committed before it is acknowledged and a kill -9 at any moment leaves a consistent
+store. Nothing relies on an in-process lock: several server processes can share one database.
+
+Work is handed out through label *slots* (`schema.leases`): a train or validation comparison has
+1 slot, or 2 when it was picked for overlap (quality control: two labelers judge it); a gold
+comparison gets one slot per labeler on demand. `next_comparison` leases the oldest free or
+expired slot of a comparison the labeler has not seen, for `lease_s` seconds; a lease that
+expires is offered again. `submit_label` consumes the labeler's slot and inserts the label in one
+transaction; the same label sent again is a no-op.
+
+Incremental readers (`labels_after`) get labels in id order with no gaps later filled: on SQLite
+writers are serialised, so ids commit in order; on PostgreSQL label inserts hold a shared
+advisory lock that a reader takes exclusively for an instant to find the highest settled id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from rlhf_jax.labeling import auth
+from rlhf_jax.labeling.records import TaskIdentity, validate_comparisons
+from rlhf_jax.labeling.schema import (
+    PG_LABELS_LOCK,
+    ConflictError,
+    InvalidError,
+    NotFoundError,
+    comparisons,
+    describe_url,
+    ensure_schema,
+    flags,
+    is_postgres,
+    labelers,
+    labels,
+    leases,
+    make_engine,
+    meta,
+    skips,
+    sqlite_url,
+    write_transaction,
+)
+
+# SQLite allows at most 32766 bound parameters per statement; stay well below.
+_CHUNK = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class Leased:
+    """A comparison leased to a labeler: what the labeling page and `GET /next` show."""
+
+    comparison_id: int
+    query: str
+    samples: list[str]
+    task: str
+    expires_at: float
+    extra: dict | None
+
+
+def overlap_slots(key: str, overlap: float) -> int:
+    """1 or 2 label slots for a comparison: 2 for a deterministic `overlap` share of keys.
+
+    A hash of the key decides, so a re-sent comparison gets the same answer and the share is
+    `overlap` in expectation whatever the order of enqueueing.
+    """
+    if not 0.0 <= overlap <= 1.0:
+        raise InvalidError(f"overlap must be in [0, 1], got {overlap}")
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:13], 16) / 16**13
+    return 2 if u < overlap else 1
+
+
+class LabelStore:
+    """A label store on a SQLite file or a PostgreSQL database."""
+
+    def __init__(self, url: str, *, create: bool = True, pool_size: int = 8,
+                 synchronous: str = "FULL"):
+        """Opens (and with `create`, initialises) the store.
+
+        Args:
+            url: SQLAlchemy URL (see `schema.make_engine`).
+            create: create the tables in an empty database.
+            pool_size: connection pool size.
+            synchronous: SQLite `PRAGMA synchronous` (FULL or NORMAL).
+
+        Raises:
+            SchemaVersionError: another schema version, or not a label store.
+        """
+        self.url = url
+        self.where = describe_url(url)
+        self.engine = make_engine(url, pool_size=pool_size, synchronous=synchronous)
+        self._pg = is_postgres(self.engine)
+        try:
+            ensure_schema(self.engine, create=create)
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    @classmethod
+    def open(cls, workdir: str | None = None, db: str | None = None, **kw) -> LabelStore:
+        """The store of `--db URL`, or else the SQLite file in `--workdir DIR`."""
+        import os
+
+        if db:
+            return cls(db, **kw)
+        if not workdir:
+            raise ValueError("give --workdir DIR (a SQLite store in it) or --db URL")
+        if kw.get("create", True):
+            os.makedirs(workdir, exist_ok=True)
+        elif not os.path.exists(os.path.join(workdir, "labels.sqlite")):
+            raise FileNotFoundError(f"{workdir}: no label store here (labels.sqlite is missing)")
+        return cls(sqlite_url(workdir), **kw)
+
+    def close(self) -> None:
+        """Closes every pooled connection."""
+        self.engine.dispose()
+
+    # ---- labelers ------------------------------------------------------------------------
+
+    def add_labeler(self, name: str, *, admin: bool = False, bot: bool = False) -> str:
+        """Adds a labeler and returns its new access token (only its hash is stored).
+
+        Raises:
+            InvalidError: an empty or taken name.
+        """
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise InvalidError("labeler name: expected 1 to 100 characters")
+        token = auth.new_token()
+        with write_transaction(self.engine) as conn:
+            if conn.execute(sa.select(labelers.c.id).where(labelers.c.name == name)).first():
+                raise InvalidError(f"labeler {name!r} already exists in {self.where}")
+            conn.execute(labelers.insert().values(
+                name=name, token_hash=auth.hash_token(token), is_admin=admin, is_bot=bot,
+                created=time.time()))
+        return token
+
+    def labeler_by_hash(self, token_hash: str) -> auth.Labeler | None:
+        """The labeler whose token has this sha256, or None."""
+        c = labelers.c
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(c.id, c.name, c.is_admin, c.is_bot, c.token_hash)
+                               .where(c.token_hash == token_hash)).first()
+        return None if row is None else auth.Labeler(row.id, row.name, bool(row.is_admin),
+                                                     bool(row.is_bot), row.token_hash)
+
+    def list_labelers(self) -> list[dict]:
+        """Every labeler: id, name, admin, bot, created (never token hashes)."""
+        c = labelers.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(c.id, c.name, c.is_admin, c.is_bot, c.created)
+                                .order_by(c.id)).all()
+        return [dict(id=r.id, name=r.name, admin=bool(r.is_admin), bot=bool(r.is_bot),
+                     created=r.created) for r in rows]
+
+    # ---- enqueue -------------------------------------------------------------------------
+
+    def task_identity(self) -> TaskIdentity | None:
+        """The task identity of the stored comparisons, or None while the store is empty."""
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(meta.c.value).where(meta.c.key == "task")).scalar()
+        return None if value is None else TaskIdentity.from_dict(value, f"{self.where}: task")
+
+    def enqueue(self, records: Sequence, task: TaskIdentity, *, overlap: float = 0.0,
+                names: Sequence[str] | None = None) -> dict:
+        """Adds comparisons in one transaction: all of them, or none when one is bad.
+
+        A record whose `key` is already stored is skipped (idempotent re-sends), unless its
+        content differs, which is an error (two different comparisons under one key).
+
+        Args:
+            records: comparison objects (see `records.validate_comparison`).
+            task: their task identity; must equal the store's (set by the first enqueue).
+            overlap: share of new train/validation comparisons that get two label slots.
+            names: optional name per record for error messages.
+
+        Returns:
+            {"added": n, "existing": m, "ids": [comparison id per record]}.
+
+        Raises:
+            InvalidError: a bad record or key (naming it); TaskMismatchError.
+        """
+        rows = validate_comparisons(records, task, names=names)
+        overlap_slots("", overlap)  # validates the fraction before any write
+        now = time.time()
+        with write_transaction(self.engine) as conn:
+            self._check_task(conn, task)
+            existing = {}
+            keys = [r["key"] for r in rows]
+            for start in range(0, len(keys), _CHUNK):
+                part = keys[start:start + _CHUNK]
+                for r in conn.execute(sa.select(comparisons.c.key, comparisons.c.id,
+                                                comparisons.c.content_hash)
+                                      .where(comparisons.c.key.in_(part))):
+                    existing[r.key] = (r.id, r.content_hash)
+            for i, row in enumerate(rows):
+                if row["key"] in existing and existing[row["key"]][1] != row["content_hash"]:
+                    name = names[i] if names is not None else f"comparisons[{i}]"
+                    raise InvalidError(f"{name}.key: {row['key']!r} is already stored with "
+                                       "different content; keys must identify one comparison")
+            new = [dict(row, created=now) for row in rows if row["key"] not in existing]
+            ids = dict((k, v[0]) for k, v in existing.items())
+            for start in range(0, len(new), _CHUNK):
+                stmt = comparisons.insert().returning(comparisons.c.id, comparisons.c.key)
+                if self._pg:
+                    # Another server enqueueing the same key at this instant: its row wins.
+                    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                    stmt = (pg_insert(comparisons).on_conflict_do_nothing(index_elements=["key"])
+                            .returning(comparisons.c.id, comparisons.c.key))
+                for r in conn.execute(stmt, new[start:start + _CHUNK]):
+                    ids[r.key] = r.id
+            slots = [dict(comparison_id=ids[row["key"]], slot=s, done=False)
+                     for row in new if row["kind"] != "gold" and row["key"] in ids
+                     for s in range(overlap_slots(row["key"], overlap))]
+            for start in range(0, len(slots), _CHUNK):
+                conn.execute(leases.insert(), slots[start:start + _CHUNK])
+        added = len(new)
+        return {"added": added, "existing": len(rows) - added, "ids": [ids[k] for k in keys]}
+
+    def _check_task(self, conn, task: TaskIdentity) -> None:
+        stored = conn.execute(sa.select(meta.c.value).where(meta.c.key == "task")).scalar()
+        if stored is None:
+            conn.execute(meta.insert().values(key="task", value=task.as_dict()))
+        else:
+            task.check_same(TaskIdentity.from_dict(stored, f"{self.where}: task"), self.where)
+
+    # ---- labelling -----------------------------------------------------------------------
+
+    def next_comparison(self, labeler: auth.Labeler, *, lease_s: float = 600.0,
+                        gold_every: int = 10) -> Leased | None:
+        """Leases the next comparison to a labeler, or returns None when nothing waits.
+
+        A labeler holding an unexpired lease gets the same comparison again (a reloaded page
+        shows what it showed), with the lease renewed. Every `gold_every`-th label of a labeler
+        is asked on a gold comparison it has not answered, while there are any.
+
+        Args:
+            labeler: who asks.
+            lease_s: seconds until the lease expires and the slot is offered again.
+            gold_every: one gold question per this many labels (0 = no gold questions).
+
+        Returns:
+            The leased comparison, or None.
+        """
+        now = time.time()
+        me = labeler.id
+        with write_transaction(self.engine) as conn:
+            held = conn.execute(
+                sa.select(leases.c.id, leases.c.comparison_id)
+                .where(leases.c.labeler_id == me, ~leases.c.done, leases.c.expires_at >= now)
+                .order_by(leases.c.id).limit(1)).first()
+            if held is not None:
+                conn.execute(leases.update().where(leases.c.id == held.id)
+                             .values(expires_at=now + lease_s))
+                return self._leased(conn, held.comparison_id, now + lease_s, labeler)
+            if gold_every > 0:
+                gold = self._lease_gold(conn, me, now, lease_s, gold_every)
+                if gold is not None:
+                    return self._leased(conn, gold, now + lease_s, labeler)
+            other = leases.alias("other")
+            free = sa.or_(leases.c.labeler_id.is_(None), leases.c.expires_at < now)
+            query = (
+                sa.select(leases.c.id, leases.c.comparison_id)
+                .where(~leases.c.done, leases.c.slot >= 0, free,
+                       ~sa.exists().where(other.c.comparison_id == leases.c.comparison_id,
+                                          other.c.labeler_id == me, other.c.id != leases.c.id),
+                       ~sa.exists().where(skips.c.comparison_id == leases.c.comparison_id,
+                                          skips.c.labeler_id == me))
+                .order_by(leases.c.id).limit(1))
+            if self._pg:
+                query = query.with_for_update(skip_locked=True)
+            for _ in range(8):
+                slot = conn.execute(query).first()
+                if slot is None:
+                    return None
+                taken = conn.execute(
+                    leases.update().where(leases.c.id == slot.id, ~leases.c.done, free)
+                    .values(labeler_id=me, leased_at=now, expires_at=now + lease_s))
+                if taken.rowcount == 1:
+                    return self._leased(conn, slot.comparison_id, now + lease_s, labeler)
+            return None
+
+    def _lease_gold(self, conn, me: int, now: float, lease_s: float, every: int) -> int | None:
+        c = comparisons.c
+        if conn.execute(sa.select(c.id).where(c.kind == "gold").limit(1)).first() is None:
+            return None
+        total, answered = conn.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(
+                sa.case((c.kind == "gold", 1), else_=0)), 0))
+            .select_from(labels.join(comparisons, labels.c.comparison_id == c.id))
+            .where(labels.c.labeler_id == me)).one()
+        if total // every < answered:
+            return None
+        pick = conn.execute(
+            sa.select(c.id).where(
+                c.kind == "gold",
+                ~sa.exists().where(labels.c.comparison_id == c.id, labels.c.labeler_id == me),
+                ~sa.exists().where(skips.c.comparison_id == c.id, skips.c.labeler_id == me))
+            .order_by(c.id).limit(1)).scalar()
+        if pick is None:
+            return None
+        values = dict(labeler_id=me, leased_at=now, expires_at=now + lease_s, done=False)
+        updated = conn.execute(leases.update().where(leases.c.comparison_id == pick,
+                                                     leases.c.slot == -me).values(**values))
+        if updated.rowcount == 0:
+            conn.execute(leases.insert().values(comparison_id=pick, slot=-me, **values))
+        return pick
+
+    def _leased(self, conn, comparison_id: int, expires_at: float, labeler) -> Leased:
+        c = comparisons.c
+        row = conn.execute(sa.select(c.query_text, c.samples, c.task, c.extra)
+                           .where(c.id == comparison_id)).one()
+        return Leased(comparison_id, row.query_text, list(row.samples), row.task, expires_at,
+                      row.extra if labeler.is_bot else None)
+
+    def submit_label(self, labeler_id: int, comparison_id: int, best: int, *,
+                     flag: str | None = None) -> tuple[int, bool]:
+        """Stores a label, consuming the labeler's slot, in one transaction.
+
+        Args:
+            labeler_id: who labels.
+            comparison_id: the comparison leased to them.
+            best: the chosen sample index.
+            flag: optional reason the samples are broken or offensive.
+
+        Returns:
+            (label id, True) for a new label; (label id, False) for a repeat of a stored one.
+
+        Raises:
+            NotFoundError: unknown comparison. InvalidError: `best` out of range.
+            ConflictError: not leased to this labeler, or already labelled differently.
+        """
+        for attempt in range(3):
+            try:
+                return self._submit_once(labeler_id, comparison_id, best, flag)
+            except sa.exc.IntegrityError:
+                # The same labeler's concurrent request inserted this label first: the next
+                # attempt finds it and answers as for a repeat.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _submit_once(self, me, comparison_id, best, flag):
+        now = time.time()
+        with write_transaction(self.engine) as conn:
+            n = self._num_samples(conn, comparison_id)
+            if type(best) is not int or not 0 <= best < n:
+                raise InvalidError(f"best={best!r} out of range: comparison {comparison_id} has "
+                                   f"{n} samples, so best must be in [0, {n})")
+            prior = self._prior_label(conn, me, comparison_id, best)
+            if prior is not None:
+                return prior, False
+            if self._pg:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock_shared(PG_LABELS_LOCK)))
+            query = (sa.select(leases.c.id, leases.c.leased_at)
+                     .where(leases.c.comparison_id == comparison_id, leases.c.labeler_id == me,
+                            ~leases.c.done).order_by(leases.c.id).limit(1))
+            slot = conn.execute(query.with_for_update() if self._pg else query).first()
+            if slot is None:
+                prior = self._prior_label(conn, me, comparison_id, best)
+                if prior is not None:
+                    return prior, False
+                raise ConflictError(
+                    f"comparison {comparison_id} is not leased to you (its lease expired and "
+                    "went to another labeler, or it was never yours); GET /api/v1/next")
+            conn.execute(leases.update().where(leases.c.id == slot.id).values(done=True))
+            label_id = conn.execute(labels.insert().returning(labels.c.id).values(
+                comparison_id=comparison_id, labeler_id=me, best=best,
+                seconds=max(0.0, now - (slot.leased_at or now)), created=now)).scalar_one()
+            if flag:
+                conn.execute(flags.insert().values(comparison_id=comparison_id, labeler_id=me,
+                                                   reason=str(flag)[:500], created=now))
+        return label_id, True
+
+    def _num_samples(self, conn, comparison_id) -> int:
+        if type(comparison_id) is not int:
+            raise InvalidError(f"comparison_id: expected an integer, got {comparison_id!r}")
+        n = conn.execute(sa.select(comparisons.c.num_samples)
+                         .where(comparisons.c.id == comparison_id)).scalar()
+        if n is None:
+            raise NotFoundError(f"comparison {comparison_id} does not exist")
+        return n
+
+    @staticmethod
+    def _prior_label(conn, me, comparison_id, best) -> int | None:
+        prior = conn.execute(sa.select(labels.c.id, labels.c.best).where(
+            labels.c.comparison_id == comparison_id, labels.c.labeler_id == me)).first()
+        if prior is None:
+            return None
+        if prior.best != best:
+            raise ConflictError(f"you already labelled comparison {comparison_id} with "
+                                f"best={prior.best}; a stored label cannot be changed")
+        return prior.id
+
+    def skip(self, labeler_id: int, comparison_id: int, *, flag: str | None = None,
+             remember: bool = True) -> None:
+        """Gives a leased comparison back; with `remember`, it is not offered to them again.
+
+        `remember=False` is a plain release (a worker stopping): the labeler may get it again.
+
+        Raises:
+            NotFoundError: unknown comparison. ConflictError: not leased to this labeler.
+        """
+        now = time.time()
+        with write_transaction(self.engine) as conn:
+            self._num_samples(conn, comparison_id)
+            mine = sa.and_(leases.c.comparison_id == comparison_id,
+                           leases.c.labeler_id == labeler_id, ~leases.c.done)
+            # A gold slot belongs to its labeler (slot = -id): drop it rather than free it.
+            dropped = conn.execute(leases.delete().where(mine, leases.c.slot < 0)).rowcount
+            freed = conn.execute(leases.update().where(mine, leases.c.slot >= 0).values(
+                labeler_id=None, leased_at=None, expires_at=None)).rowcount
+            if dropped + freed == 0:
+                raise ConflictError(f"comparison {comparison_id} is not leased to you")
+            if remember:
+                conn.execute(skips.insert().values(labeler_id=labeler_id,
+                                                   comparison_id=comparison_id, created=now))
+            if flag:
+                conn.execute(flags.insert().values(comparison_id=comparison_id,
+                                                   labeler_id=labeler_id, reason=str(flag)[:500],
+                                                   created=now))
+
+    def label_count(self, labeler_id: int) -> int:
+        """How many labels this labeler has given."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(labels)
+                                .where(labels.c.labeler_id == labeler_id)).scalar_one()
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def settled_label_id(self) -> int:
+        """The highest label id below which no label can still appear."""
+        with self.engine.begin() as conn:
+            if self._pg:
+                # Waits for in-flight label transactions (they hold the lock shared); new ones
+                # get higher ids, so everything up to the max is final.
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PG_LABELS_LOCK)))
+            return conn.execute(sa.select(sa.func.coalesce(sa.func.max(labels.c.id), 0))).scalar()
+
+    def labels_after(self, after: int = 0, limit: int = 1000, *, kinds: Sequence[str] | None = None,
+                     with_text: bool = False) -> list[dict]:
+        """Labels with id > `after`, in id order, with their comparisons' token ids.
+
+        Reading again with `after` = the last id returned never misses a label: ids only grow,
+        and a label id is returned only once every smaller id is settled.
+
+        Args:
+            after: the last label id already read (0 for all).
+            limit: at most this many labels.
+            kinds: only comparisons of these kinds (default: all).
+            with_text: include the query and sample texts.
+
+        Returns:
+            Dicts with id, comparison_id, key, kind, round, task, labeler, best, seconds,
+            created, query_tokens, sample_tokens, provenance, gold_best (and query, samples).
+        """
+        if type(after) is not int or after < 0 or type(limit) is not int or not 0 < limit <= 100_000:
+            raise InvalidError(f"after must be an integer >= 0 and limit in [1, 100000], got "
+                               f"after={after!r}, limit={limit!r}")
+        watermark = self.settled_label_id()
+        c, lab = comparisons.c, labels.c
+        cols = [lab.id, lab.comparison_id, lab.best, lab.seconds, lab.created,
+                labelers.c.name.label("labeler"), c.key, c.kind, c.round, c.task, c.query_tokens,
+                c.sample_tokens, c.provenance, c.gold_best]
+        if with_text:
+            cols += [c.query_text, c.samples]
+        query = (sa.select(*cols).select_from(labels.join(comparisons, lab.comparison_id == c.id)
+                                              .join(labelers, lab.labeler_id == labelers.c.id))
+                 .where(lab.id > after, lab.id <= watermark).order_by(lab.id).limit(limit))
+        if kinds is not None:
+            query = query.where(c.kind.in_(list(kinds)))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        out = []
+        for r in rows:
+            d = r._asdict()
+            if with_text:
+                d["query"], d["samples"] = d.pop("query_text"), d.pop("samples")
+            out.append(d)
+        return out
+
+    def counts(self) -> dict:
+        """Counts for a trainer and the admin page (cheap: a few aggregate queries).
+
+        Returns:
+            {"comparisons": {kind: n, "total": n}, "labels": {kind: n, "total": n},
+            "labeled_comparisons", "slots": {"queued", "leased", "done"}, "flags",
+            "labelers", "last_label_id", "task"}.
+        """
+        now = time.time()
+        c = comparisons.c
+        with self.engine.connect() as conn:
+            by_kind = dict(conn.execute(sa.select(c.kind, sa.func.count()).group_by(c.kind)).all())
+            label_kind = dict(conn.execute(
+                sa.select(c.kind, sa.func.count()).select_from(
+                    labels.join(comparisons, labels.c.comparison_id == c.id)).group_by(c.kind)).all())
+            labeled = conn.execute(sa.select(sa.func.count(sa.distinct(labels.c.comparison_id)))).scalar()
+            open_ = ~leases.c.done
+            leased_now = sa.and_(open_, leases.c.labeler_id.is_not(None), leases.c.expires_at >= now)
+            slot_counts = conn.execute(sa.select(
+                sa.func.coalesce(sa.func.sum(sa.case((sa.and_(open_, leases.c.slot >= 0, ~leased_now), 1), else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((leased_now, 1), else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((leases.c.done, 1), else_=0)), 0))).one()
+            num_flags = conn.execute(sa.select(sa.func.count()).select_from(flags)).scalar()
+            num_labelers = conn.execute(sa.select(sa.func.count()).select_from(labelers)).scalar()
+            last = conn.execute(sa.select(sa.func.coalesce(sa.func.max(labels.c.id), 0))).scalar()
+            task = conn.execute(sa.select(meta.c.value).where(meta.c.key == "task")).scalar()
+        kinds = ("train", "validation", "gold")
+        return {
+            "comparisons": {**{k: int(by_kind.get(k, 0)) for k in kinds}, "total": sum(by_kind.values())},
+            "labels": {**{k: int(label_kind.get(k, 0)) for k in kinds}, "total": sum(label_kind.values())},
+            "labeled_comparisons": int(labeled),
+            "slots": {"queued": int(slot_counts[0]), "leased": int(slot_counts[1]),
+                      "done": int(slot_counts[2])},
+            "flags": int(num_flags), "labelers": int(num_labelers), "last_label_id": int(last),
+            "task": task,
+        }
