@@ -30,6 +30,7 @@ from rlhf_jax.labeling import auth
 from rlhf_jax.labeling.records import TaskIdentity, validate_comparisons
 from rlhf_jax.labeling.schema import (
     PG_LABELS_LOCK,
+    SQLITE_NAME,
     ConflictError,
     InvalidError,
     NotFoundError,
@@ -113,7 +114,7 @@ class LabelStore:
             raise ValueError("give --workdir DIR (a SQLite store in it) or --db URL")
         if kw.get("create", True):
             os.makedirs(workdir, exist_ok=True)
-        elif not os.path.exists(os.path.join(workdir, "labels.sqlite")):
+        elif not os.path.exists(os.path.join(workdir, SQLITE_NAME)):
             raise FileNotFoundError(f"{workdir}: no label store here (labels.sqlite is missing)")
         return cls(sqlite_url(workdir), **kw)
 
@@ -185,6 +186,9 @@ class LabelStore:
         Raises:
             InvalidError: a bad record or key (naming it); TaskMismatchError.
         """
+        stored = self.task_identity()
+        if stored is not None:  # the clearer error first: another task, not bad lengths
+            task.check_same(stored, self.where)
         rows = validate_comparisons(records, task, names=names)
         overlap_slots("", overlap)  # validates the fraction before any write
         now = time.time()
