@@ -143,7 +143,7 @@ def cmd_enqueue(args) -> int:
         args.samples, ctx, kind=args.kind, round_=args.round, keep_invalid=args.keep_invalid)
     store = _open(args)
     result = store.enqueue(records, ctx.identity, overlap=args.overlap, names=names)
-    print(f"{args.samples}: {result['added']} comparisons added, {result['existing']} already in "
+    print(f"{args.samples}: {result['added']} comparison(s) added, {result['existing']} already in "
           f"{store.where}; left out: {skipped['invalid']} with an invalid sample, "
           f"{skipped['duplicates']} duplicates")
     store.close()
