@@ -121,7 +121,7 @@ def _sample_tokens(texts, given, ctx: TaskContext, where: str) -> list[list[int]
     for i, text in enumerate(texts):
         if given is not None:
             out.append(_pad(given[i], ctx, where, f"sample {i}"))
-        elif not isinstance(text, str) or not text.strip():
+        elif not isinstance(text, str) or not text:
             _fail(where, f"sample {i} is empty")
         else:
             out.append(_pad(ctx.tokenizer.encode(text), ctx, where, f"sample {i}"))
@@ -166,7 +166,7 @@ def _from_sample_rows(group: list[dict], ctx: TaskContext, where: str, defaults:
     given = [r["response_tokens"] for r in group] if all("response_tokens" in r for r in group) \
         else None
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not text:
             _fail(where, f"sample {i} (field 'response') is empty")
     record = dict(defaults, query=query_text, query_tokens=query_tokens, samples=texts,
                   sample_tokens=_sample_tokens(texts, given, ctx, where))

@@ -155,7 +155,7 @@ def validate_comparison(record, task: TaskIdentity, where: str) -> dict:
         raise InvalidError(f"{where}.samples: expected {n} samples (the store's task has "
                            f"num_samples={n}), got {got}")
     for i, s in enumerate(samples):
-        if not isinstance(s, str) or not s.strip():
+        if not isinstance(s, str) or not s:
             raise InvalidError(f"{where}.samples[{i}]: empty sample (expected non-empty text)")
         if len(s) > MAX_TEXT_CHARS:
             raise InvalidError(f"{where}.samples[{i}]: longer than {MAX_TEXT_CHARS} characters")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 
 import sqlalchemy as sa
@@ -216,6 +217,8 @@ def make_engine(url: str, *, pool_size: int = 8, synchronous: str = "FULL") -> s
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+        _SQLITE_WRITE_LOCKS[id(engine)] = threading.Lock()
+
         @event.listens_for(engine, "begin")
         def _begin(conn):
             immediate = conn.get_execution_options().get("write", False)
@@ -228,11 +231,23 @@ def make_engine(url: str, *, pool_size: int = 8, synchronous: str = "FULL") -> s
                      "postgresql+psycopg://USER@HOST:PORT/DB")
 
 
+_SQLITE_WRITE_LOCKS: dict[int, threading.Lock] = {}
+
+
 @contextlib.contextmanager
 def write_transaction(engine: sa.Engine):
-    """A write transaction: BEGIN IMMEDIATE on SQLite, a plain transaction on PostgreSQL."""
-    with engine.execution_options(write=True).begin() as conn:
-        yield conn
+    """A write transaction: BEGIN IMMEDIATE on SQLite, a plain transaction on PostgreSQL.
+
+    On SQLite the threads of one process also queue on a lock before BEGIN IMMEDIATE. This is
+    for speed, not correctness (the database lock is what serialises writers, across
+    processes too): a thread that finds the database locked waits in SQLite's busy handler,
+    which polls with sleeps of up to 100 ms, while a queued thread starts the moment the
+    previous transaction commits.
+    """
+    lock = _SQLITE_WRITE_LOCKS.get(id(engine)) if engine.dialect.name == "sqlite" else None
+    with lock if lock is not None else contextlib.nullcontext():
+        with engine.execution_options(write=True).begin() as conn:
+            yield conn
 
 
 def is_postgres(engine: sa.Engine) -> bool:
