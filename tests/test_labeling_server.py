@@ -208,3 +208,47 @@ def test_a_worker_killed_holding_a_lease_does_not_stall_the_others(tmp_path):
     assert json.loads(out.strip().splitlines()[-1])["labels"] == 6
     assert Counter(r["labeler"] for r in store.labels_after(0, 100)) == {"fast": 6}
     store.close()
+
+
+def test_people_labels_train_the_reward_model(tmp_path):
+    """The README flow: rlhf_jax.sample rows -> enqueue -> label over HTTP -> export ->
+    `python -m rlhf_jax.train_reward` on the export (tiny config)."""
+    from rlhf_jax import experiment, sample
+    from rlhf_jax.data import sources
+    from rlhf_jax.labeling import cli, ingest
+    from rlhf_jax.labeling.worker import Judge, MockWorker
+
+    config_path = os.path.join(ROOT, "configs", "sentiment.py") + ":runlocal"
+    config = ingest.load_config(config_path)
+    params = {"transformer": experiment.initial_trunk(config, experiment.gpt2_config(config))}
+    rows = sample.sample_texts(config, params, sources.load_texts("builtin", "test")[:32],
+                               num_samples=4, seed=0, batch_size=128)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))  # as sample.main writes
+    workdir = str(tmp_path / "store")
+    # The tiny random model rarely ends a sample with '.', so keep samples that fail the check.
+    assert cli.main(["enqueue", "--workdir", workdir, "--task", config_path, "--samples",
+                     str(samples), "--overlap", "0", "--keep_invalid"]) == 0
+    store = LabelStore.open(workdir)
+    num = store.counts()["comparisons"]["total"]
+    assert num >= 24
+    token = store.add_labeler("vader-bot", bot=True)
+    with LiveServer(store.url, tmp_path / "server.log") as server, \
+            LabelClient(server.url, token) as client:
+        counts = MockWorker(client, Judge("vader"), delay_s=0, idle_exit_s=0.5,
+                            poll_s=0.1).run()
+    assert counts["labels"] == num
+    labels_path = str(tmp_path / "labels.json")
+    assert cli.main(["export", "--workdir", workdir, "--output", labels_path]) == 0
+    store.close()
+    cmd = [sys.executable, "-m", "rlhf_jax.train_reward", "--config", config_path,
+           "--workdir", str(tmp_path / "rm"), f"--config.labels.path={labels_path}",
+           "--config.labels.num_train=16", "--config.labels.num_valid=8",
+           "--config.rewards.log_every=1", "--config.rewards.rollout_batch_size=16",
+           "--config.rewards.normalize_samples=16", "--config.rewards.verify_samples=16"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "train_reward 2/2" in out.stdout + out.stderr
+    final = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")][-1]
+    assert 0.0 <= final["valid/accuracy"] <= 1.0

@@ -60,19 +60,30 @@ def render(name: str, status: int = 200, **context) -> HTMLResponse:
     return HTMLResponse(_ENV.get_template(name).render(**context), status_code=status)
 
 
-def timeline_svg(line: dict, width: int = 720, height: int = 180) -> markupsafe.Markup:
-    """A bar chart of labels per time bucket, as inline SVG (numbers only: safe markup)."""
+def timeline_svg(line: dict, width: int = 960, height: int = 200,
+                 min_buckets: int = 12) -> markupsafe.Markup:
+    """A bar chart of labels per time bucket, ending now, as inline SVG.
+
+    At least `min_buckets` buckets are drawn (empty ones before the first label), so the first
+    minutes of a run do not draw one wall-to-wall bar. Only numbers and times go into the
+    markup, never stored text.
+    """
     counts = line["counts"]
     if not counts:
         return markupsafe.Markup('<p class="muted">No labels yet.</p>')
-    left, bottom, top = 40, 24, 10
-    plot_w, plot_h = width - left - 10, height - bottom - top
+    pad = max(0, min_buckets - len(counts))
+    counts = [0] * pad + list(counts)
+    start = line["start"] - pad * line["bucket_s"]
+    end = start + line["bucket_s"] * len(counts)
+    left, right, bottom, top = 44, 10, 24, 22
+    plot_w, plot_h = width - left - right, height - bottom - top
     peak = max(counts) or 1
-    # At least 12 bar widths, so that the first minutes do not draw one wall-to-wall bar.
-    bar_w = plot_w / max(len(counts), 12)
+    bar_w = plot_w / len(counts)
+    unit = _bucket_name(line["bucket_s"])
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
-             f'aria-label="labels per {_bucket_name(line["bucket_s"])}">',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" '
+             f'aria-label="labels per {unit}">',
+             f'<text x="{left}" y="12">labels per {unit}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" '
              'stroke="#888"/>',
              f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{peak}</text>',
              f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>']
@@ -81,12 +92,8 @@ def timeline_svg(line: dict, width: int = 720, height: int = 180) -> markupsafe.
         parts.append(f'<rect x="{left + i * bar_w + 1:.1f}" y="{top + plot_h - h:.1f}" '
                      f'width="{max(bar_w - 2, 1):.1f}" height="{h:.1f}" fill="#3b6ea8">'
                      f'<title>{n} labels</title></rect>')
-    start, end = line["start"], line["start"] + line["bucket_s"] * len(counts)
-    right = left + bar_w * len(counts)
-    for x, t, anchor in ((left, start, "start"), (right, end, "end")):
-        parts.append(f'<text x="{x:.1f}" y="{height - 6}" text-anchor="{anchor}">{_utc(t)}</text>')
-    unit = _bucket_name(line["bucket_s"])
-    parts.append(f'<text x="{width - 10}" y="{top + 8}" text-anchor="end">labels per {unit}</text>')
+    for x, t, anchor in ((left, start, "start"), (width - right, end, "end")):
+        parts.append(f'<text x="{x}" y="{height - 6}" text-anchor="{anchor}">{_utc(t)}</text>')
     parts.append("</svg>")
     return markupsafe.Markup("".join(parts))
 
