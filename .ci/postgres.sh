@@ -10,6 +10,8 @@
 # listens only on 127.0.0.1 at a free port, and trusts local connections: it holds nothing
 # but test databases and lives as long as the test run.
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+# Tests need no durability across power cuts; benchmarks should set RLHF_JAX_PG_OPTS="".
+RLHF_JAX_PG_OPTS=${RLHF_JAX_PG_OPTS--c fsync=off}
 RLHF_JAX_PG_DIR=""
 
 start_test_postgres() {
@@ -27,7 +29,7 @@ start_test_postgres() {
     return 1
   }
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$RLHF_JAX_PG_DIR/data" -l "$RLHF_JAX_PG_DIR/server.log" \
-    -o "-c listen_addresses=127.0.0.1 -p $port -k $RLHF_JAX_PG_DIR -c max_connections=200 -c fsync=off" \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $RLHF_JAX_PG_DIR -c max_connections=200 $RLHF_JAX_PG_OPTS" \
     -w -t 60 start >/dev/null || {
     cat "$RLHF_JAX_PG_DIR/server.log" >&2
     return 1

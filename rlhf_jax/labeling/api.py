@@ -26,6 +26,7 @@ dict in /next; people never do. Errors answer {"detail": "message naming the cul
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -34,33 +35,52 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
+from starlette.concurrency import run_in_threadpool
 
 from rlhf_jax.labeling import export, instructions, stats
 from rlhf_jax.labeling.auth import Authenticator
 from rlhf_jax.labeling.records import TaskIdentity
-from rlhf_jax.labeling.schema import SCHEMA_VERSION, StoreError
+from rlhf_jax.labeling.schema import SCHEMA_VERSION, InvalidError, StoreError
 from rlhf_jax.labeling.store import LabelStore
 
 logger = logging.getLogger(__name__)
 
 
-class LabelIn(BaseModel):
-    """Body of POST /api/v1/labels."""
-
-    model_config = ConfigDict(extra="forbid")
-    comparison_id: StrictInt
-    best: StrictInt
-    flag: str | None = Field(None, max_length=500)
+# Body fields of the labeler calls: name -> (accepted types, required).
+LABEL_FIELDS = {"comparison_id": (int, True), "best": (int, True), "flag": (str, False)}
+SKIP_FIELDS = {"comparison_id": (int, True), "flag": (str, False), "release": (bool, False)}
 
 
-class SkipIn(BaseModel):
-    """Body of POST /api/v1/skip."""
-
-    model_config = ConfigDict(extra="forbid")
-    comparison_id: StrictInt
-    flag: str | None = Field(None, max_length=500)
-    release: StrictBool = False
+async def _json_object(request: Request, fields: dict) -> dict:
+    """The request's JSON object, checked against `fields`; InvalidError names the culprit."""
+    where = f"{request.method} {request.url.path}"
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        detail = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else e
+        raise InvalidError(f"{where}: request body is not valid JSON ({detail})") from None
+    if not isinstance(body, dict):
+        raise InvalidError(f"{where}: request body must be a JSON object with fields "
+                           f"{sorted(fields)}")
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise InvalidError(f"{where}: unknown fields {sorted(unknown)} (expected "
+                           f"{sorted(fields)})")
+    for name, (kind, required) in fields.items():
+        if name not in body:
+            if required:
+                raise InvalidError(f"{where}: body.{name}: field required")
+            continue
+        value = body[name]
+        # bool is a subclass of int in Python, but `"best": true` is not an index.
+        if type(value) is not kind and not (value is None and not required):
+            raise InvalidError(f"{where}: body.{name}: expected {kind.__name__}, got "
+                               f"{json.dumps(value)}")
+        if kind is str and value is not None and len(value) > 500:
+            raise InvalidError(f"{where}: body.{name}: longer than 500 characters")
+    return body
 
 
 class EnqueueIn(BaseModel):
@@ -130,10 +150,20 @@ def create_app(store: LabelStore, *, lease_s: float = 600.0, gold_every: int = 1
         return {"id": who.id, "name": who.name, "admin": who.is_admin,
                 "labels": store.label_count(who.id)}
 
-    @app.get("/api/v1/next")
-    def next_comparison(request: Request):
+    # SQLite has one writer at a time, so its short write transactions run on the event loop
+    # itself: a hop to the thread pool (and threads queueing for the write lock) cost more CPU
+    # than the transaction. PostgreSQL transactions wait on the network and on each other, so
+    # they run in the thread pool, concurrently.
+    inline = store.engine.dialect.name == "sqlite"
+
+    async def call(fn, *args, **kw):
+        return fn(*args, **kw) if inline else await run_in_threadpool(fn, *args, **kw)
+
+    # The calls a labeler makes per label are plain routes, their bodies checked by
+    # `_json_object` with messages as clear as FastAPI's.
+    async def next_comparison(request: Request):
         who = authn.authenticate(request)
-        leased = store.next_comparison(who, lease_s=lease_s, gold_every=gold_every)
+        leased = await call(store.next_comparison, who, lease_s=lease_s, gold_every=gold_every)
         if leased is None:
             return Response(status_code=204)
         body = {"comparison_id": leased.comparison_id, "query": leased.query,
@@ -142,22 +172,28 @@ def create_app(store: LabelStore, *, lease_s: float = 600.0, gold_every: int = 1
                 "lease_expires_at": leased.expires_at}
         if who.is_bot:
             body["extra"] = leased.extra
-        return body
+        return JSONResponse(body)
 
-    @app.post("/api/v1/labels")
-    def post_label(body: LabelIn, request: Request, response: Response):
+    async def post_label(request: Request):
         who = authn.authenticate(request)
-        label_id, created = store.submit_label(who.id, body.comparison_id, body.best,
-                                               flag=body.flag)
-        response.status_code = 201 if created else 200
-        return {"label_id": label_id, "comparison_id": body.comparison_id, "best": body.best,
-                "created": created}
+        body = await _json_object(request, LABEL_FIELDS)
+        label_id, created = await call(store.submit_label, who.id, body["comparison_id"],
+                                       body["best"], flag=body.get("flag"))
+        return JSONResponse({"label_id": label_id, "comparison_id": body["comparison_id"],
+                             "best": body["best"], "created": created},
+                            status_code=201 if created else 200)
 
-    @app.post("/api/v1/skip")
-    def post_skip(body: SkipIn, request: Request):
+    async def post_skip(request: Request):
         who = authn.authenticate(request)
-        store.skip(who.id, body.comparison_id, flag=body.flag, remember=not body.release)
-        return {"comparison_id": body.comparison_id, "skipped": not body.release}
+        body = await _json_object(request, SKIP_FIELDS)
+        release = body.get("release", False)
+        await call(store.skip, who.id, body["comparison_id"], flag=body.get("flag"),
+                   remember=not release)
+        return JSONResponse({"comparison_id": body["comparison_id"], "skipped": not release})
+
+    app.add_route("/api/v1/next", next_comparison, methods=["GET"])
+    app.add_route("/api/v1/labels", post_label, methods=["POST"])
+    app.add_route("/api/v1/skip", post_skip, methods=["POST"])
 
     @app.post("/api/v1/comparisons")
     def post_comparisons(body: EnqueueIn, request: Request):

@@ -186,7 +186,9 @@ def make_engine(url: str, *, pool_size: int = 8, synchronous: str = "FULL") -> s
 
     SQLite: WAL journal (readers never block the writer), busy_timeout 30 s (a writer waits for
     another process's transaction instead of failing), foreign keys on, and `synchronous=FULL`
-    by default, so a label acknowledged with 201 survives a power cut as well as a kill -9.
+    by default, so a label acknowledged with 201 survives a power cut as well as a kill -9
+    (lease transactions skip that fsync: a lease lost in a power cut is simply offered
+    again; see `rawsql.transaction`).
     Transactions begun on `engine.execution_options(write=True)` start with BEGIN IMMEDIATE.
 
     Args:
@@ -218,6 +220,7 @@ def make_engine(url: str, *, pool_size: int = 8, synchronous: str = "FULL") -> s
             cur.close()
 
         _SQLITE_WRITE_LOCKS[id(engine)] = threading.Lock()
+        SQLITE_SYNCHRONOUS[id(engine)] = synchronous
 
         @event.listens_for(engine, "begin")
         def _begin(conn):
@@ -232,6 +235,7 @@ def make_engine(url: str, *, pool_size: int = 8, synchronous: str = "FULL") -> s
 
 
 _SQLITE_WRITE_LOCKS: dict[int, threading.Lock] = {}
+SQLITE_SYNCHRONOUS: dict[int, str] = {}
 
 
 @contextlib.contextmanager

@@ -19,21 +19,19 @@ advisory lock that a reader takes exclusively for an instant to find the highest
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from rlhf_jax.labeling import auth
+from rlhf_jax.labeling import auth, queue, rawsql
+from rlhf_jax.labeling.queue import Leased  # noqa: F401 - part of the store API
 from rlhf_jax.labeling.records import TaskIdentity, validate_comparisons
 from rlhf_jax.labeling.schema import (
     PG_LABELS_LOCK,
     SQLITE_NAME,
-    ConflictError,
     InvalidError,
-    NotFoundError,
     comparisons,
     describe_url,
     ensure_schema,
@@ -44,25 +42,12 @@ from rlhf_jax.labeling.schema import (
     leases,
     make_engine,
     meta,
-    skips,
     sqlite_url,
     write_transaction,
 )
 
 # SQLite allows at most 32766 bound parameters per statement; stay well below.
 _CHUNK = 500
-
-
-@dataclasses.dataclass(frozen=True)
-class Leased:
-    """A comparison leased to a labeler: what the labeling page and `GET /next` show."""
-
-    comparison_id: int
-    query: str
-    samples: list[str]
-    task: str
-    expires_at: float
-    extra: dict | None
 
 
 def overlap_slots(key: str, overlap: float) -> int:
@@ -97,6 +82,8 @@ class LabelStore:
         self.where = describe_url(url)
         self.engine = make_engine(url, pool_size=pool_size, synchronous=synchronous)
         self._pg = is_postgres(self.engine)
+        self._gold = queue.GoldCache()
+        self._stmts = rawsql.Statements(self.engine)
         try:
             ensure_schema(self.engine, create=create)
         except BaseException:
@@ -242,7 +229,8 @@ class LabelStore:
 
         A labeler holding an unexpired lease gets the same comparison again (a reloaded page
         shows what it showed), with the lease renewed. Every `gold_every`-th label of a labeler
-        is asked on a gold comparison it has not answered, while there are any.
+        is asked on a gold comparison it has not answered, while there are any. Otherwise the
+        oldest free or expired slot of a comparison the labeler has not labelled or skipped.
 
         Args:
             labeler: who asks.
@@ -252,76 +240,8 @@ class LabelStore:
         Returns:
             The leased comparison, or None.
         """
-        now = time.time()
-        me = labeler.id
-        with write_transaction(self.engine) as conn:
-            held = conn.execute(
-                sa.select(leases.c.id, leases.c.comparison_id)
-                .where(leases.c.labeler_id == me, ~leases.c.done, leases.c.expires_at >= now)
-                .order_by(leases.c.id).limit(1)).first()
-            if held is not None:
-                conn.execute(leases.update().where(leases.c.id == held.id)
-                             .values(expires_at=now + lease_s))
-                return self._leased(conn, held.comparison_id, now + lease_s, labeler)
-            if gold_every > 0:
-                gold = self._lease_gold(conn, me, now, lease_s, gold_every)
-                if gold is not None:
-                    return self._leased(conn, gold, now + lease_s, labeler)
-            other = leases.alias("other")
-            free = sa.or_(leases.c.labeler_id.is_(None), leases.c.expires_at < now)
-            query = (
-                sa.select(leases.c.id, leases.c.comparison_id)
-                .where(~leases.c.done, leases.c.slot >= 0, free,
-                       ~sa.exists().where(other.c.comparison_id == leases.c.comparison_id,
-                                          other.c.labeler_id == me, other.c.id != leases.c.id),
-                       ~sa.exists().where(skips.c.comparison_id == leases.c.comparison_id,
-                                          skips.c.labeler_id == me))
-                .order_by(leases.c.id).limit(1))
-            if self._pg:
-                query = query.with_for_update(skip_locked=True)
-            for _ in range(8):
-                slot = conn.execute(query).first()
-                if slot is None:
-                    return None
-                taken = conn.execute(
-                    leases.update().where(leases.c.id == slot.id, ~leases.c.done, free)
-                    .values(labeler_id=me, leased_at=now, expires_at=now + lease_s))
-                if taken.rowcount == 1:
-                    return self._leased(conn, slot.comparison_id, now + lease_s, labeler)
-            return None
-
-    def _lease_gold(self, conn, me: int, now: float, lease_s: float, every: int) -> int | None:
-        c = comparisons.c
-        if conn.execute(sa.select(c.id).where(c.kind == "gold").limit(1)).first() is None:
-            return None
-        total, answered = conn.execute(
-            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(
-                sa.case((c.kind == "gold", 1), else_=0)), 0))
-            .select_from(labels.join(comparisons, labels.c.comparison_id == c.id))
-            .where(labels.c.labeler_id == me)).one()
-        if total // every < answered:
-            return None
-        pick = conn.execute(
-            sa.select(c.id).where(
-                c.kind == "gold",
-                ~sa.exists().where(labels.c.comparison_id == c.id, labels.c.labeler_id == me),
-                ~sa.exists().where(skips.c.comparison_id == c.id, skips.c.labeler_id == me))
-            .order_by(c.id).limit(1)).scalar()
-        if pick is None:
-            return None
-        values = dict(labeler_id=me, leased_at=now, expires_at=now + lease_s, done=False)
-        updated = conn.execute(leases.update().where(leases.c.comparison_id == pick,
-                                                     leases.c.slot == -me).values(**values))
-        if updated.rowcount == 0:
-            conn.execute(leases.insert().values(comparison_id=pick, slot=-me, **values))
-        return pick
-
-    def _leased(self, conn, comparison_id: int, expires_at: float, labeler) -> Leased:
-        c = comparisons.c
-        row = conn.execute(sa.select(c.query_text, c.samples, c.task, c.extra)
-                           .where(c.id == comparison_id)).one()
-        return Leased(comparison_id, row.query_text, list(row.samples), row.task, expires_at,
-                      row.extra if labeler.is_bot else None)
+        return queue.next_comparison(self._stmts, self._pg, self._gold, labeler, lease_s,
+                                     gold_every)
 
     def submit_label(self, labeler_id: int, comparison_id: int, best: int, *,
                      flag: str | None = None) -> tuple[int, bool]:
@@ -342,65 +262,14 @@ class LabelStore:
         """
         for attempt in range(3):
             try:
-                return self._submit_once(labeler_id, comparison_id, best, flag)
-            except sa.exc.IntegrityError:
+                return queue.submit_label(self._stmts, self._pg, labeler_id, comparison_id,
+                                          best, flag)
+            except self.engine.dialect.loaded_dbapi.IntegrityError:
                 # The same labeler's concurrent request inserted this label first: the next
                 # attempt finds it and answers as for a repeat.
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
-
-    def _submit_once(self, me, comparison_id, best, flag):
-        now = time.time()
-        with write_transaction(self.engine) as conn:
-            n = self._num_samples(conn, comparison_id)
-            if type(best) is not int or not 0 <= best < n:
-                raise InvalidError(f"best={best!r} out of range: comparison {comparison_id} has "
-                                   f"{n} samples, so best must be in [0, {n})")
-            prior = self._prior_label(conn, me, comparison_id, best)
-            if prior is not None:
-                return prior, False
-            if self._pg:
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock_shared(PG_LABELS_LOCK)))
-            query = (sa.select(leases.c.id, leases.c.leased_at)
-                     .where(leases.c.comparison_id == comparison_id, leases.c.labeler_id == me,
-                            ~leases.c.done).order_by(leases.c.id).limit(1))
-            slot = conn.execute(query.with_for_update() if self._pg else query).first()
-            if slot is None:
-                prior = self._prior_label(conn, me, comparison_id, best)
-                if prior is not None:
-                    return prior, False
-                raise ConflictError(
-                    f"comparison {comparison_id} is not leased to you (its lease expired and "
-                    "went to another labeler, or it was never yours); GET /api/v1/next")
-            conn.execute(leases.update().where(leases.c.id == slot.id).values(done=True))
-            label_id = conn.execute(labels.insert().returning(labels.c.id).values(
-                comparison_id=comparison_id, labeler_id=me, best=best,
-                seconds=max(0.0, now - (slot.leased_at or now)), created=now)).scalar_one()
-            if flag:
-                conn.execute(flags.insert().values(comparison_id=comparison_id, labeler_id=me,
-                                                   reason=str(flag)[:500], created=now))
-        return label_id, True
-
-    def _num_samples(self, conn, comparison_id) -> int:
-        if type(comparison_id) is not int:
-            raise InvalidError(f"comparison_id: expected an integer, got {comparison_id!r}")
-        n = conn.execute(sa.select(comparisons.c.num_samples)
-                         .where(comparisons.c.id == comparison_id)).scalar()
-        if n is None:
-            raise NotFoundError(f"comparison {comparison_id} does not exist")
-        return n
-
-    @staticmethod
-    def _prior_label(conn, me, comparison_id, best) -> int | None:
-        prior = conn.execute(sa.select(labels.c.id, labels.c.best).where(
-            labels.c.comparison_id == comparison_id, labels.c.labeler_id == me)).first()
-        if prior is None:
-            return None
-        if prior.best != best:
-            raise ConflictError(f"you already labelled comparison {comparison_id} with "
-                                f"best={prior.best}; a stored label cannot be changed")
-        return prior.id
 
     def skip(self, labeler_id: int, comparison_id: int, *, flag: str | None = None,
              remember: bool = True) -> None:
@@ -411,24 +280,7 @@ class LabelStore:
         Raises:
             NotFoundError: unknown comparison. ConflictError: not leased to this labeler.
         """
-        now = time.time()
-        with write_transaction(self.engine) as conn:
-            self._num_samples(conn, comparison_id)
-            mine = sa.and_(leases.c.comparison_id == comparison_id,
-                           leases.c.labeler_id == labeler_id, ~leases.c.done)
-            # A gold slot belongs to its labeler (slot = -id): drop it rather than free it.
-            dropped = conn.execute(leases.delete().where(mine, leases.c.slot < 0)).rowcount
-            freed = conn.execute(leases.update().where(mine, leases.c.slot >= 0).values(
-                labeler_id=None, leased_at=None, expires_at=None)).rowcount
-            if dropped + freed == 0:
-                raise ConflictError(f"comparison {comparison_id} is not leased to you")
-            if remember:
-                conn.execute(skips.insert().values(labeler_id=labeler_id,
-                                                   comparison_id=comparison_id, created=now))
-            if flag:
-                conn.execute(flags.insert().values(comparison_id=comparison_id,
-                                                   labeler_id=labeler_id, reason=str(flag)[:500],
-                                                   created=now))
+        queue.skip(self._stmts, labeler_id, comparison_id, flag, remember)
 
     def label_count(self, labeler_id: int) -> int:
         """How many labels this labeler has given."""
