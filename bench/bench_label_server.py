@@ -122,19 +122,25 @@ def client_proc(url: str, tokens: list[str], quota, results, start_at: float) ->
     results.put((post_ms, next_ms, errors, time.process_time()))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (uvicorn workers)."""
+def cpu_seconds(pid: int, database: str | None = None) -> tuple[float, float]:
+    """User + system CPU seconds of the server (uvicorn and its workers) and, for
+    PostgreSQL, of the backends serving `database` (their titles name the database)."""
     import psutil
 
+    def total(procs):
+        out = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                out += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
     proc = psutil.Process(pid)
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    backends = [p for p in psutil.process_iter(["cmdline"]) if database and any(
+        database in part for part in (p.info["cmdline"] or []))]
+    return total([proc, *proc.children(recursive=True)]), total(backends)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -177,7 +183,8 @@ def run(args) -> dict:
             for _ in range(20 * args.server_workers):
                 h.get("/api/v1/me")
         load_before = os.getloadavg()
-        server_cpu = cpu_seconds(server.pid)
+        database = f"bench_{run_id}" if args.postgres else None
+        server_cpu = cpu_seconds(server.pid, database)
         quota = mp.Value("i", args.labels)
         results = mp.Queue()
         start_at = time.time() + 1.0
@@ -188,7 +195,7 @@ def run(args) -> dict:
             p.start()
         gathered = [results.get() for _ in procs]
         wall = time.time() - start_at
-        server_cpu = cpu_seconds(server.pid) - server_cpu
+        server_cpu = [b - a for a, b in zip(server_cpu, cpu_seconds(server.pid, database))]
         for p in procs:
             p.join()
         load_after = os.getloadavg()
@@ -212,7 +219,8 @@ def run(args) -> dict:
         "post_p99_ms": percentile(post, 0.99), "post_max_ms": max(post),
         "next_p50_ms": percentile(nxt, 0.5), "next_p99_ms": percentile(nxt, 0.99),
         "post_mean_ms": statistics.fmean(post), "load_before": load_before,
-        "server_cpu_ms_per_label": 1000 * server_cpu / max(len(post), 1),
+        "server_cpu_ms_per_label": 1000 * server_cpu[0] / max(len(post), 1),
+        "db_cpu_ms_per_label": 1000 * server_cpu[1] / max(len(post), 1),
         "client_cpu_ms_per_label": 1000 * sum(g[3] for g in gathered) / max(len(post), 1),
         "load_after": load_after,
     }
@@ -245,9 +253,12 @@ def main() -> None:
         print(f"  POST /api/v1/labels ms: p50 {r['post_p50_ms']:.1f}  p90 {r['post_p90_ms']:.1f}  "
               f"p99 {r['post_p99_ms']:.1f}  max {r['post_max_ms']:.1f}  mean {r['post_mean_ms']:.1f}")
         print(f"  GET /api/v1/next ms:   p50 {r['next_p50_ms']:.1f}  p99 {r['next_p99_ms']:.1f}")
-        server, client = r["server_cpu_ms_per_label"], r["client_cpu_ms_per_label"]
-        print(f"  CPU per label: server {server:.2f} ms, clients {client:.2f} ms; at 2 idle "
-              f"cores the server alone would allow about {2000 / server:.0f} labels/s")
+        server, db = r["server_cpu_ms_per_label"], r["db_cpu_ms_per_label"]
+        client = r["client_cpu_ms_per_label"]
+        backends = f", PostgreSQL backends {db:.2f} ms" if r["backend"] == "postgresql" else ""
+        print(f"  CPU per label: server {server:.2f} ms{backends}, clients {client:.2f} ms; all "
+              f"together would fill 2 idle cores at about {2000 / (server + db + client):.0f} "
+              "labels/s")
         print(f"  load average before {r['load_before'][0]:.2f} {r['load_before'][1]:.2f} "
               f"{r['load_before'][2]:.2f}, after {r['load_after'][0]:.2f} "
               f"{r['load_after'][1]:.2f} {r['load_after'][2]:.2f}")

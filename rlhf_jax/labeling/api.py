@@ -36,7 +36,6 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
-from starlette.concurrency import run_in_threadpool
 
 from rlhf_jax.labeling import export, instructions, stats
 from rlhf_jax.labeling.auth import Authenticator
@@ -150,20 +149,11 @@ def create_app(store: LabelStore, *, lease_s: float = 600.0, gold_every: int = 1
         return {"id": who.id, "name": who.name, "admin": who.is_admin,
                 "labels": store.label_count(who.id)}
 
-    # SQLite has one writer at a time, so its short write transactions run on the event loop
-    # itself: a hop to the thread pool (and threads queueing for the write lock) cost more CPU
-    # than the transaction. PostgreSQL transactions wait on the network and on each other, so
-    # they run in the thread pool, concurrently.
-    inline = store.engine.dialect.name == "sqlite"
-
-    async def call(fn, *args, **kw):
-        return fn(*args, **kw) if inline else await run_in_threadpool(fn, *args, **kw)
-
     # The calls a labeler makes per label are plain routes, their bodies checked by
     # `_json_object` with messages as clear as FastAPI's.
     async def next_comparison(request: Request):
         who = authn.authenticate(request)
-        leased = await call(store.next_comparison, who, lease_s=lease_s, gold_every=gold_every)
+        leased = await store.next_comparison_async(who, lease_s=lease_s, gold_every=gold_every)
         if leased is None:
             return Response(status_code=204)
         body = {"comparison_id": leased.comparison_id, "query": leased.query,
@@ -177,8 +167,8 @@ def create_app(store: LabelStore, *, lease_s: float = 600.0, gold_every: int = 1
     async def post_label(request: Request):
         who = authn.authenticate(request)
         body = await _json_object(request, LABEL_FIELDS)
-        label_id, created = await call(store.submit_label, who.id, body["comparison_id"],
-                                       body["best"], flag=body.get("flag"))
+        label_id, created = await store.submit_label_async(
+            who.id, body["comparison_id"], body["best"], flag=body.get("flag"))
         return JSONResponse({"label_id": label_id, "comparison_id": body["comparison_id"],
                              "best": body["best"], "created": created},
                             status_code=201 if created else 200)
@@ -187,8 +177,8 @@ def create_app(store: LabelStore, *, lease_s: float = 600.0, gold_every: int = 1
         who = authn.authenticate(request)
         body = await _json_object(request, SKIP_FIELDS)
         release = body.get("release", False)
-        await call(store.skip, who.id, body["comparison_id"], flag=body.get("flag"),
-                   remember=not release)
+        await store.skip_async(who.id, body["comparison_id"], flag=body.get("flag"),
+                               remember=not release)
         return JSONResponse({"comparison_id": body["comparison_id"], "skipped": not release})
 
     app.add_route("/api/v1/next", next_comparison, methods=["GET"])

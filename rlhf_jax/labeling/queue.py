@@ -21,7 +21,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy import bindparam as bp
 
-from rlhf_jax.labeling.rawsql import Statements, transaction
+from rlhf_jax.labeling.rawsql import Statements
 from rlhf_jax.labeling.schema import (
     PG_LABELS_LOCK,
     ConflictError,
@@ -80,10 +80,19 @@ _GOLD_INSERT = leases.insert().values(comparison_id=bp("cid"), slot=bp("gold_slo
 
 # One query for everything `submit_label` checks before writing: the comparison's size and
 # this labeler's earlier label of it, if any.
-_CHECK = (sa.select(C.num_samples, labels.c.id, labels.c.best)
-          .select_from(comparisons.outerjoin(labels, sa.and_(labels.c.comparison_id == C.id,
-                                                             labels.c.labeler_id == bp("me"))))
-          .where(C.id == bp("cid")))
+def _check_statement(pg: bool):
+    columns = [C.num_samples, labels.c.id, labels.c.best]
+    if pg:
+        # Label inserts hold this lock shared (see LabelStore.settled_label_id); taking it
+        # here saves a round trip.
+        columns.append(sa.func.pg_advisory_xact_lock_shared(PG_LABELS_LOCK))
+    return (sa.select(*columns)
+            .select_from(comparisons.outerjoin(labels, sa.and_(
+                labels.c.comparison_id == C.id, labels.c.labeler_id == bp("me"))))
+            .where(C.id == bp("cid")))
+
+
+_CHECK = {False: _check_statement(False), True: _check_statement(True)}
 _CONSUME = (sa.update(leases)
             .where(L.id == sa.select(_pick.c.id).where(
                 _pick.c.comparison_id == bp("cid"), _pick.c.labeler_id == bp("me"),
@@ -95,7 +104,6 @@ _INSERT_LABEL = labels.insert().values(
     created=bp("now")).returning(labels.c.id)
 _FLAG = flags.insert().values(comparison_id=bp("cid"), labeler_id=bp("me"), reason=bp("reason"),
                               created=bp("now"))
-_LABELS_SHARED = sa.select(sa.func.pg_advisory_xact_lock_shared(PG_LABELS_LOCK))
 _MINE = (L.comparison_id == bp("cid"), L.labeler_id == bp("me"), ~L.done)
 # A gold slot belongs to its labeler (slot = -id): giving it back drops it.
 _DROP_GOLD = leases.delete().where(*_MINE, L.slot < 0)
@@ -103,6 +111,49 @@ _FREE = leases.update().where(*_MINE, L.slot >= 0).values(labeler_id=None, lease
                                                           expires_at=None)
 _REMEMBER_SKIP = skips.insert().values(labeler_id=bp("me"), comparison_id=bp("cid"),
                                        created=bp("now"))
+
+
+# PostgreSQL: the same steps in one statement each, to save round trips (and the psycopg
+# work per statement, which costs the server more CPU than the database spends): renew or
+# take a slot and read its comparison; consume the slot and insert the label. Leases commit
+# without waiting for their WAL flush (set_config ... synchronous_commit, as `rawsql`).
+_NEXT_PG = sa.text("""
+WITH renew AS (
+  UPDATE leases SET expires_at = :until
+  WHERE labeler_id = :me AND NOT done AND expires_at >= :now
+  RETURNING comparison_id),
+take AS (
+  UPDATE leases SET labeler_id = :me, leased_at = :now, expires_at = :until
+  WHERE id = (
+    SELECT pick.id FROM leases AS pick
+    WHERE NOT pick.done AND pick.slot >= 0
+      AND (pick.labeler_id IS NULL OR pick.expires_at < :now)
+      AND NOT EXISTS (SELECT 1 FROM leases AS other WHERE other.comparison_id = pick.comparison_id
+                      AND other.labeler_id = :me AND other.id != pick.id)
+      AND NOT EXISTS (SELECT 1 FROM skips WHERE skips.comparison_id = pick.comparison_id
+                      AND skips.labeler_id = :me)
+      AND NOT EXISTS (SELECT 1 FROM renew)
+    ORDER BY pick.id LIMIT 1 FOR UPDATE SKIP LOCKED)
+    AND NOT done AND (labeler_id IS NULL OR expires_at < :now)
+  RETURNING comparison_id),
+got AS (SELECT comparison_id FROM renew UNION ALL SELECT comparison_id FROM take LIMIT 1)
+SELECT c.id, c.query_text, c.samples, c.task, c.extra,
+       set_config('synchronous_commit', 'off', true)
+FROM comparisons AS c JOIN got ON c.id = got.comparison_id
+""")
+_LABEL_PG = sa.text("""
+WITH consume AS (
+  UPDATE leases SET done = true
+  WHERE id = (SELECT id FROM leases WHERE comparison_id = :cid AND labeler_id = :me
+              AND NOT done ORDER BY id LIMIT 1)
+    AND labeler_id = :me AND NOT done
+  RETURNING leased_at)
+INSERT INTO labels (comparison_id, labeler_id, best, seconds, created)
+SELECT :cid, :me, :choice, GREATEST(0, :now - leased_at), :now FROM consume
+RETURNING id
+""")
+
+_RELAX_PG = sa.text("SELECT set_config('synchronous_commit', 'off', true)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,21 +182,31 @@ class GoldCache:
         return self.known
 
 
-def next_comparison(stmts: Statements, pg: bool, gold: GoldCache, labeler, lease_s: float,
-                    gold_every: int) -> Leased | None:
-    """See LabelStore.next_comparison."""
+def next_body(tx, pg: bool, gold: GoldCache, labeler, lease_s: float, gold_every: int):
+    """The transaction of LabelStore.next_comparison: (comparison id, row, expiry) or None."""
     now = time.time()
     params = {"me": labeler.id, "now": now, "until": now + lease_s}
-    with transaction(stmts, durable=False) as tx:
-        cid = tx.scalar(_RENEW, params)
-        if cid is None and gold_every > 0 and gold.has_gold(tx):
-            cid = _lease_gold(tx, params, gold_every)
-        if cid is None:
-            cid = tx.scalar(_TAKE[pg], params)
-        if cid is None:
-            return None
-        query, samples, task, extra = tx.one(_SHOW, {"cid": cid})
-    return Leased(cid, query, list(stmts.json(samples)), task, now + lease_s,
+    if pg and not (gold_every > 0 and gold.has_gold(tx)):
+        row = tx.one(_NEXT_PG, params)
+        return None if row is None else (row[0], tuple(row[1:5]), now + lease_s)
+    if pg:
+        tx.execute(_RELAX_PG)
+    cid = tx.scalar(_RENEW, params)
+    if cid is None and gold_every > 0 and gold.has_gold(tx):
+        cid = _lease_gold(tx, params, gold_every)
+    if cid is None:
+        cid = tx.scalar(_TAKE[pg], params)
+    if cid is None:
+        return None
+    return cid, tuple(tx.one(_SHOW, {"cid": cid})), now + lease_s
+
+
+def leased(stmts: Statements, result, labeler) -> Leased | None:
+    """The Leased of a `next_body` result (JSON columns decoded)."""
+    if result is None:
+        return None
+    cid, (query, samples, task, extra), expires = result
+    return Leased(cid, query, list(stmts.json(samples)), task, expires,
                   stmts.json(extra) if labeler.is_bot else None)
 
 
@@ -164,38 +225,40 @@ def _lease_gold(tx, params: dict, every: int) -> int | None:
     return cid
 
 
-def submit_label(stmts: Statements, pg: bool, me: int, comparison_id, best, flag: str | None):
-    """See LabelStore.submit_label (one attempt)."""
+def submit_body(tx, pg: bool, me: int, comparison_id, best, flag: str | None):
+    """The transaction of LabelStore.submit_label: (label id, created)."""
     now = time.time()
     params = {"me": me, "cid": comparison_id, "now": now}
-    with transaction(stmts) as tx:
-        n, prior_id, prior_best = _check(tx, params, comparison_id)
-        if type(best) is not int or not 0 <= best < n:
-            raise InvalidError(f"best={best!r} out of range: comparison {comparison_id} has "
-                               f"{n} samples, so best must be in [0, {n})")
+    n, prior_id, prior_best = _check(tx, params, comparison_id, pg)[:3]
+    if type(best) is not int or not 0 <= best < n:
+        raise InvalidError(f"best={best!r} out of range: comparison {comparison_id} has "
+                           f"{n} samples, so best must be in [0, {n})")
+    if prior_id is not None:
+        return _repeat(prior_id, prior_best, comparison_id, best), False
+    if pg:
+        label_id = tx.scalar(_LABEL_PG, dict(params, choice=best))
+        leased_at = None if label_id is None else now
+    else:
+        leased_at = tx.scalar(_CONSUME, params)
+    if leased_at is None:
+        _, prior_id, prior_best = _check(tx, params, comparison_id)[:3]  # a concurrent twin?
         if prior_id is not None:
             return _repeat(prior_id, prior_best, comparison_id, best), False
-        if pg:
-            tx.execute(_LABELS_SHARED)
-        leased_at = tx.scalar(_CONSUME, params)
-        if leased_at is None:
-            _, prior_id, prior_best = _check(tx, params, comparison_id)  # a concurrent twin?
-            if prior_id is not None:
-                return _repeat(prior_id, prior_best, comparison_id, best), False
-            raise ConflictError(
-                f"comparison {comparison_id} is not leased to you (its lease expired and went "
-                "to another labeler, or it was never yours); GET /api/v1/next")
+        raise ConflictError(
+            f"comparison {comparison_id} is not leased to you (its lease expired and went "
+            "to another labeler, or it was never yours); GET /api/v1/next")
+    if not pg:
         label_id = tx.scalar(_INSERT_LABEL, dict(params, choice=best,
                                                  secs=max(0.0, now - leased_at)))
-        if flag:
-            tx.execute(_FLAG, dict(params, reason=str(flag)[:500]))
+    if flag:
+        tx.execute(_FLAG, dict(params, reason=str(flag)[:500]))
     return label_id, True
 
 
-def _check(tx, params, comparison_id):
+def _check(tx, params, comparison_id, lock: bool = False):
     if type(comparison_id) is not int:
         raise InvalidError(f"comparison_id: expected an integer, got {comparison_id!r}")
-    row = tx.one(_CHECK, params)
+    row = tx.one(_CHECK[lock], params)
     if row is None:
         raise NotFoundError(f"comparison {comparison_id} does not exist")
     return row
@@ -208,18 +271,18 @@ def _repeat(prior_id, prior_best, comparison_id, best) -> int:
     return prior_id
 
 
-def skip(stmts: Statements, labeler_id: int, comparison_id, flag: str | None,
-         remember: bool) -> None:
-    """See LabelStore.skip."""
+def skip_body(tx, labeler_id: int, comparison_id, flag: str | None, remember: bool,
+              pg: bool = False) -> None:
+    """The transaction of LabelStore.skip."""
     params = {"me": labeler_id, "cid": comparison_id, "now": time.time()}
-    # A skip or a flag is a record worth an fsync; a plain release (a worker stopping) is not.
-    with transaction(stmts, durable=bool(remember or flag)) as tx:
-        _check(tx, params, comparison_id)
-        given_back = tx.execute(_DROP_GOLD, params).rowcount
-        given_back += tx.execute(_FREE, params).rowcount
-        if given_back == 0:
-            raise ConflictError(f"comparison {comparison_id} is not leased to you")
-        if remember:
-            tx.execute(_REMEMBER_SKIP, params)
-        if flag:
-            tx.execute(_FLAG, dict(params, reason=str(flag)[:500]))
+    _check(tx, params, comparison_id)
+    if pg and not (remember or flag):
+        tx.execute(_RELAX_PG)  # a plain release needs no durable commit
+    given_back = tx.execute(_DROP_GOLD, params).rowcount
+    given_back += tx.execute(_FREE, params).rowcount
+    if given_back == 0:
+        raise ConflictError(f"comparison {comparison_id} is not leased to you")
+    if remember:
+        tx.execute(_REMEMBER_SKIP, params)
+    if flag:
+        tx.execute(_FLAG, dict(params, reason=str(flag)[:500]))

@@ -19,6 +19,7 @@ advisory lock that a reader takes exclusively for an instant to find the highest
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Sequence
@@ -84,6 +85,7 @@ class LabelStore:
         self._pg = is_postgres(self.engine)
         self._gold = queue.GoldCache()
         self._stmts = rawsql.Statements(self.engine)
+        self._runner = rawsql.Runner(self._stmts)
         try:
             ensure_schema(self.engine, create=create)
         except BaseException:
@@ -106,7 +108,8 @@ class LabelStore:
         return cls(sqlite_url(workdir), **kw)
 
     def close(self) -> None:
-        """Closes every pooled connection."""
+        """Finishes queued transactions and closes every pooled connection."""
+        self._runner.close()
         self.engine.dispose()
 
     # ---- labelers ------------------------------------------------------------------------
@@ -240,8 +243,17 @@ class LabelStore:
         Returns:
             The leased comparison, or None.
         """
-        return queue.next_comparison(self._stmts, self._pg, self._gold, labeler, lease_s,
-                                     gold_every)
+        body = functools.partial(queue.next_body, pg=self._pg, gold=self._gold, labeler=labeler,
+                                 lease_s=lease_s, gold_every=gold_every)
+        return queue.leased(self._stmts, self._runner.run(body, durable=False), labeler)
+
+    async def next_comparison_async(self, labeler: auth.Labeler, *, lease_s: float = 600.0,
+                                    gold_every: int = 10) -> Leased | None:
+        """`next_comparison` for the event loop."""
+        body = functools.partial(queue.next_body, pg=self._pg, gold=self._gold, labeler=labeler,
+                                 lease_s=lease_s, gold_every=gold_every)
+        result = await self._runner.run_async(body, durable=False)
+        return queue.leased(self._stmts, result, labeler)
 
     def submit_label(self, labeler_id: int, comparison_id: int, best: int, *,
                      flag: str | None = None) -> tuple[int, bool]:
@@ -255,18 +267,33 @@ class LabelStore:
 
         Returns:
             (label id, True) for a new label; (label id, False) for a repeat of a stored one.
+            Either way the label is committed when this returns.
 
         Raises:
             NotFoundError: unknown comparison. InvalidError: `best` out of range.
             ConflictError: not leased to this labeler, or already labelled differently.
         """
+        body = functools.partial(queue.submit_body, pg=self._pg, me=labeler_id,
+                                 comparison_id=comparison_id, best=best, flag=flag)
         for attempt in range(3):
             try:
-                return queue.submit_label(self._stmts, self._pg, labeler_id, comparison_id,
-                                          best, flag)
+                return self._runner.run(body)
             except self.engine.dialect.loaded_dbapi.IntegrityError:
                 # The same labeler's concurrent request inserted this label first: the next
                 # attempt finds it and answers as for a repeat.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def submit_label_async(self, labeler_id: int, comparison_id: int, best: int, *,
+                                 flag: str | None = None) -> tuple[int, bool]:
+        """`submit_label` for the event loop."""
+        body = functools.partial(queue.submit_body, pg=self._pg, me=labeler_id,
+                                 comparison_id=comparison_id, best=best, flag=flag)
+        for attempt in range(3):
+            try:
+                return await self._runner.run_async(body)
+            except self.engine.dialect.loaded_dbapi.IntegrityError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -280,7 +307,17 @@ class LabelStore:
         Raises:
             NotFoundError: unknown comparison. ConflictError: not leased to this labeler.
         """
-        queue.skip(self._stmts, labeler_id, comparison_id, flag, remember)
+        body = functools.partial(queue.skip_body, labeler_id=labeler_id, pg=self._pg,
+                                 comparison_id=comparison_id, flag=flag, remember=remember)
+        # A skip or a flag is a record worth an fsync; a plain release is not.
+        self._runner.run(body, durable=bool(remember or flag))
+
+    async def skip_async(self, labeler_id: int, comparison_id: int, *, flag: str | None = None,
+                         remember: bool = True) -> None:
+        """`skip` for the event loop."""
+        body = functools.partial(queue.skip_body, labeler_id=labeler_id, pg=self._pg,
+                                 comparison_id=comparison_id, flag=flag, remember=remember)
+        await self._runner.run_async(body, durable=bool(remember or flag))
 
     def label_count(self, labeler_id: int) -> int:
         """How many labels this labeler has given."""
