@@ -222,3 +222,23 @@ def test_schema_version_and_foreign_databases_are_refused(store):
 def test_an_empty_database_is_not_created_on_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="no label store here"):
         LabelStore.open(str(tmp_path), create=False)
+
+
+def test_a_refused_label_in_a_sqlite_batch_does_not_undo_the_others(tmp_path):
+    """Group commit: labels waiting together commit together, each in its own savepoint."""
+    from rlhf_jax.labeling import queue
+
+    store = LabelStore(f"sqlite:///{tmp_path / 'labels.sqlite'}")
+    store.enqueue([comparison(i) for i in range(4)], TASK)
+    people = [labeler(store, f"p{i}") for i in range(4)]
+    leased = [store.next_comparison(p) for p in people]
+    runner = store._runner
+    with runner._cv:  # hold the writer so that all four wait in one batch
+        futures = [runner.submit(lambda tx, p=p, c=c, b=b: queue.submit_body(
+            tx, False, p.id, c.comparison_id, b, None))
+                   for p, c, b in zip(people, leased, [0, 9, 2, 3])]
+    results = [f.exception() or f.result() for f in futures]
+    assert isinstance(results[1], InvalidError)
+    assert [r[1] for i, r in enumerate(results) if i != 1] == [True, True, True]
+    assert sorted(r["best"] for r in store.labels_after(0)) == [0, 2, 3]
+    store.close()
