@@ -220,14 +220,8 @@ def read_sample_file(path: str, ctx: TaskContext, *, kind: str = "train", round_
             add(_from_sample_rows(group, ctx, where, defaults), where)
         group = []
 
-    for lineno, line in enumerate(sources.read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in sources.jsonl_values(sources.read_text(path), path, InvalidError):
         where = f"{path}: line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            _fail(where, f"invalid JSON: {e.msg} (column {e.colno})")
         if not isinstance(row, dict):
             _fail(where, f"expected a JSON object, got {type(row).__name__}")
         row_style = "comparison" if "samples" in row else "sample" if "response" in row else None
