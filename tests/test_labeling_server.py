@@ -202,12 +202,34 @@ def test_a_worker_killed_holding_a_lease_does_not_stall_the_others(tmp_path):
         assert polite.returncode == 0, err
         assert json.loads(out.strip().splitlines()[-1])["labels"] == 0
         assert store.counts()["slots"]["leased"] == 1
+        refused = start_worker(server, "rlhf_not-a-token", "--delay_s", 0)
+        _, err = refused.communicate(timeout=60)
+        assert refused.returncode == 2 and "refused the token: unknown access token" in err
         fast = start_worker(server, tokens[2], "--delay_s", 0, "--idle_exit_s", 4, "--poll_s", 0.2)
         out, err = fast.communicate(timeout=120)
         assert fast.returncode == 0, err[-2000:]
     assert json.loads(out.strip().splitlines()[-1])["labels"] == 6
     assert Counter(r["labeler"] for r in store.labels_after(0, 100)) == {"fast": 6}
     store.close()
+
+
+def test_judges_pick_as_their_scorers_say():
+    from rlhf_jax.labeling.worker import Judge
+
+    article = "The council approved the new bridge on Monday. Work starts in May."
+    copying = {"comparison_id": 1, "query": article,
+               "samples": ["Cats are nice.", "The council approved the new bridge on Monday.",
+                           "Nothing happened.", "A bridge."]}
+    assert Judge("copying").pick(copying) == (1, False)
+    rouge = dict(copying, samples=["bridge approved by council", "cats", "dogs", "weather"],
+                 extra={"reference": "The council approved a bridge."})
+    assert Judge("rouge").pick(rouge) == (0, False)
+    with pytest.raises(ValueError, match="has no extra.reference"):
+        Judge("rouge").pick(dict(rouge, extra=None))
+    with pytest.raises(ValueError, match="--labeler 'bleu'"):
+        Judge("bleu")
+    picks = [Judge("vader", noise=1.0, seed=s).pick(copying) for s in range(40)]
+    assert all(noisy for _, noisy in picks) and len({p for p, _ in picks}) == 4
 
 
 def test_people_labels_train_the_reward_model(tmp_path):

@@ -1,4 +1,6 @@
-"""SQLAlchemy Core statements run on the pooled DBAPI connection, for the store's hot path.
+"""SQLAlchemy Core statements run on the pooled DBAPI connection: the label store's hot path.
+
+Part of the labeling app (spec §5.3: labelers pick the best of four samples).
 
 Leasing a comparison and storing a label are a few short statements each, and a server
 answers them hundreds of times a second. Through `sqlalchemy.Connection.execute` each statement

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import sqlalchemy as sa
 
-from rlhf_jax.labeling.schema import comparisons, flags, labelers, labels, leases
+from rlhf_jax.labeling.schema import comparisons, flags, labelers, labels, leases, meta
 
 # Timeline bucket widths, smallest first; the first giving at most MAX_BUCKETS buckets is used.
 BUCKETS_S = (60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
@@ -137,4 +137,45 @@ def compute_stats(store, now: float | None = None) -> dict:
         "labelers": labeler_rows,
         "timeline": timeline([r.created for r in rows], now),
         "time": now,
+    }
+
+
+def counts(engine) -> dict:
+    """LabelStore.counts: a few aggregate queries.
+
+    Args:
+        engine: the store's engine.
+
+    Returns:
+        {"comparisons": {kind: n, "total": n}, "labels": {kind: n, "total": n},
+        "labeled_comparisons", "slots": {"queued", "leased", "done"}, "flags",
+        "labelers", "last_label_id", "task"}.
+    """
+    now = time.time()
+    c = comparisons.c
+    with engine.connect() as conn:
+        by_kind = dict(conn.execute(sa.select(c.kind, sa.func.count()).group_by(c.kind)).all())
+        label_kind = dict(conn.execute(
+            sa.select(c.kind, sa.func.count()).select_from(
+                labels.join(comparisons, labels.c.comparison_id == c.id)).group_by(c.kind)).all())
+        labeled = conn.execute(sa.select(sa.func.count(sa.distinct(labels.c.comparison_id)))).scalar()
+        open_ = ~leases.c.done
+        leased_now = sa.and_(open_, leases.c.labeler_id.is_not(None), leases.c.expires_at >= now)
+        slot_counts = conn.execute(sa.select(
+            sa.func.coalesce(sa.func.sum(sa.case((sa.and_(open_, leases.c.slot >= 0, ~leased_now), 1), else_=0)), 0),
+            sa.func.coalesce(sa.func.sum(sa.case((leased_now, 1), else_=0)), 0),
+            sa.func.coalesce(sa.func.sum(sa.case((leases.c.done, 1), else_=0)), 0))).one()
+        num_flags = conn.execute(sa.select(sa.func.count()).select_from(flags)).scalar()
+        num_labelers = conn.execute(sa.select(sa.func.count()).select_from(labelers)).scalar()
+        last = conn.execute(sa.select(sa.func.coalesce(sa.func.max(labels.c.id), 0))).scalar()
+        task = conn.execute(sa.select(meta.c.value).where(meta.c.key == "task")).scalar()
+    kinds = ("train", "validation", "gold")
+    return {
+        "comparisons": {**{k: int(by_kind.get(k, 0)) for k in kinds}, "total": sum(by_kind.values())},
+        "labels": {**{k: int(label_kind.get(k, 0)) for k in kinds}, "total": sum(label_kind.values())},
+        "labeled_comparisons": int(labeled),
+        "slots": {"queued": int(slot_counts[0]), "leased": int(slot_counts[1]),
+                  "done": int(slot_counts[2])},
+        "flags": int(num_flags), "labelers": int(num_labelers), "last_label_id": int(last),
+        "task": task,
     }
