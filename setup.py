@@ -40,6 +40,9 @@ setup(
         # The human labeling app (rlhf_jax.labeling): web server, pages, store, HTTP client.
         "fastapi>=0.115",
         "uvicorn>=0.30",
+        # uvicorn's C HTTP parser; without it uvicorn falls back to pure-Python h11, which cost
+        # the label server 0.44 ms more CPU per label (bench/RESULTS.md).
+        "httptools>=0.6",
         "sqlalchemy>=2,<3",
         "jinja2>=3.1",
         # The HTTP client of the label worker, and of Starlette's TestClient (httpx's successor).

@@ -10,9 +10,11 @@ client's GIL does not cap the rate. The store is a fresh SQLite file (WAL) or a 
 on a PostgreSQL cluster (`--postgres ADMIN_URL`; the benchmark creates and drops it).
 
 Reported: labels/s (stored labels / wall time of the labelling phase), p50/p90/p99/max latency
-of POST /api/v1/labels and of GET /api/v1/next (client-side wall time, loopback), and the
-load average before and after: the machine may be shared, and the clients run on the same
-cores as the server.
+of POST /api/v1/labels and of GET /api/v1/next (client-side wall time, loopback), CPU seconds
+per label of the server processes, of the PostgreSQL backends (those alive at the end of the
+run: with a pool smaller than the number of labelers, backends of closed overflow connections
+are missed) and of the clients, and the load average before and after: the machine may be
+shared, and the clients run on the same cores as the server.
 
 There is no peer for this benchmark: the original lm-human-preferences code had no labeling
 app (spec §5.3), and neither do the ports we compare against. The goal comes from the issue:
