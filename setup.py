@@ -14,7 +14,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
-    package_data={"rlhf_jax": ["data/assets/*"]},
+    package_data={"rlhf_jax": ["data/assets/*", "labeling/templates/*.html",
+                               "labeling/static/*"]},
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
@@ -39,10 +40,24 @@ setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        # The human labeling app (rlhf_jax.labeling): web server, pages, store, HTTP client.
+        "fastapi>=0.115",
+        "uvicorn>=0.30",
+        # uvicorn's C HTTP parser; without it uvicorn falls back to pure-Python h11, which cost
+        # the label server 0.44 ms more CPU per label (bench/RESULTS.md).
+        "httptools>=0.6",
+        "sqlalchemy>=2,<3",
+        "jinja2>=3.1",
+        # The HTTP client of the label worker, and of Starlette's TestClient (httpx's successor).
+        "httpx2>=2",
     ],
     extras_require={
         # torch is only for parity tests and peer benchmarks; the pin takes the CPU wheel.
-        "test": ["pytest>=8", "torch==2.13.0"],
+        # playwright drives Debian's chromium in the labeling browser test; psycopg lets CI run
+        # the label-store tests on PostgreSQL too.
+        "test": ["pytest>=8", "torch==2.13.0", "playwright>=1.40", "psycopg[binary]>=3.1"],
+        # A label store on PostgreSQL (`label_server serve --db postgresql+psycopg://...`).
+        "postgres": ["psycopg[binary]>=3.1"],
         # gcsfs: gs:// workdirs, label files and query data (etils.epath and orbax need it).
         "tpu": ["jax[tpu]>=0.10,<0.13", "gcsfs"],
     },

@@ -118,6 +118,27 @@ def load_texts(
     raise SourceError(f"unknown text format {fmt!r} for {path}: expected 'jsonl' or 'text'")
 
 
+def jsonl_values(text: str, name: str, error: type[Exception] = SourceError):
+    """Yields (1-based line number, parsed value) for each non-blank line of a JSONL text.
+
+    Args:
+        text: the file contents.
+        name: the file name, for error messages.
+        error: the exception class raised for a line that is not JSON.
+
+    Raises:
+        error: "NAME: line N: invalid JSON: ...".
+    """
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{name}: line {lineno}: invalid JSON: {e.msg}") from e
+        yield lineno, value
+
+
 def parse_jsonl(text: str, name: str, *, field: str = "text") -> list[str]:
     """Parses JSONL whose lines are strings or objects with a string `field`.
 
@@ -133,13 +154,7 @@ def parse_jsonl(text: str, name: str, *, field: str = "text") -> list[str]:
         SourceError: naming the file and the 1-based line of the first bad line.
     """
     texts = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{name}: line {lineno}: invalid JSON: {e.msg}") from e
+    for lineno, value in jsonl_values(text, name):
         if isinstance(value, dict):
             if field not in value:
                 raise SourceError(f"{name}: line {lineno}: object has no field {field!r}")
