@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from rlhf_jax import (
+    cli,
     experiment,
     label_types,
     labelers,
@@ -151,4 +152,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("output", None, "Label file to write (JSON array).")
     flags.DEFINE_integer("num_labels", 0, "Records to write; 0 = num_train + num_valid.")
     flags.mark_flags_as_required(["config", "output"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

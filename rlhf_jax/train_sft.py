@@ -41,11 +41,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, experiment, flops, labelers, metrics as metrics_lib, models
+from rlhf_jax import checkpointing, cli, experiment, flops, labelers, metrics as metrics_lib, models
 from rlhf_jax import optim, runtime, sampling, sharding
 from rlhf_jax.data import summarization, tasks
 from rlhf_jax.models import hf_import
@@ -492,4 +492,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the model go.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy
