@@ -8,12 +8,19 @@ task temperature (as the paper's labelers saw), post-processed exactly as in tra
 after the truncation token), decoded and shown to a mock labeler (`config.labeler`), which picks
 the best. The output is a JSON array in the released label files' format (spec §5.2), written
 atomically; `train_reward` reads it back with full validation.
+
+Your own preference data as text (JSONL or Parquet: best-of-N, prompt/chosen/rejected pairs,
+summarize_from_feedback comparisons) becomes a label file with
+  python -m rlhf_jax.label import --task configs/sentiment.py --input prefs.jsonl \
+      --format pairs --output labels.json [--on_long truncate|error]
+(see rlhf_jax/data/preference_import.py).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +152,14 @@ def main(argv):
     write_mock_labels(FLAGS.config, FLAGS.output, FLAGS.num_labels)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["import"]:
+    # `python -m rlhf_jax.label import --task ... --input ... --format ...`: your own text
+    # preferences into a label file (rlhf_jax/data/preference_import.py has its flags).
+    from rlhf_jax.data import preference_import
+
+    del sys.argv[1]
+    preference_import.main()
+elif __name__ == "__main__":
     # Flags are defined only when run as a program, so entry modules import side by side.
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                     lock_config=True)
