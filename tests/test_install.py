@@ -57,7 +57,8 @@ def test_wheel_holds_configs_assets_and_console_script(wheel):
         metadata = z.read(f"{meta_dir}/METADATA").decode()
     assert CONFIGS and {f"rlhf_jax/configs/{c}" for c in CONFIGS} <= names
     assert {"rlhf_jax/data/assets/books_train.jsonl", "rlhf_jax/data/assets/books_test.jsonl",
-            "rlhf_jax/cli.py", "rlhf_jax/data/preference_import.py"} <= names
+            "rlhf_jax/cli.py", "rlhf_jax/export.py", "rlhf_jax/checkpoint_reader.py",
+            "rlhf_jax/data/preference_import.py"} <= names
     assert not any(n.startswith(("tests/", "configs/", "bench/")) for n in names)
     assert "rlhf-jax = rlhf_jax.cli:main" in entry_points
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
