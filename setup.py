@@ -46,9 +46,10 @@ setup(
         # benchmarks. PyPI's torch==2.13.0 on Linux is the CUDA build (several GB of nvidia
         # wheels): install the CPU build first from https://download.pytorch.org/whl/cpu, as
         # .ci/run and the README do; the pin is then already met. gcsfs and the GCS emulator
-        # run the gs:// tests on loopback; setuptools builds the wheel in the packaging test.
+        # run the gs:// tests on loopback; setuptools builds the wheel in the packaging test;
+        # wandb is tested in its offline mode.
         "test": ["pytest>=8", "torch==2.13.0", "gcsfs>=2026.9", "gcp-storage-emulator>=2026.7",
-                 "setuptools>=70.1"],
+                 "setuptools>=70.1", "wandb>=0.31"],
         # gcsfs: gs:// workdirs, label files and query data (etils.epath and orbax need it).
         "tpu": ["jax[tpu]>=0.10,<0.13", "gcsfs>=2026.9"],
         # NVIDIA GPUs with a CUDA 13 driver, as jax 0.10's install guide says (jax[cuda12] for

@@ -130,7 +130,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_stats = {}
     # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
-                                      resume_step=-1 if latest is None else latest)
+                                      resume_step=-1 if latest is None else latest, config=config)
     if runtime.is_primary():
         writer.write_json("config.json", config.to_dict())
 

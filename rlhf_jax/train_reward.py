@@ -258,7 +258,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = ckpt.latest_step()
     # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
-                                      resume_step=-1 if latest is None else latest)
+                                      resume_step=-1 if latest is None else latest, config=config)
     writer.write_json("config.json", config.to_dict())
 
     if latest is not None:  # (1) resume from the workdir

@@ -9,10 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from rlhf_jax import train_reward
+from rlhf_jax import metrics, train_reward
 from rlhf_jax.data import labels as labels_lib
 from rlhf_jax.data import preference_import as pi
 from rlhf_jax.tokenizer import PAD_ID, get_tokenizer
+from tests.test_wandb_logging import (  # noqa: F401 - wandb_offline is a fixture
+    read_offline_runs,
+    rows_by_step,
+    wandb_offline,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POS = "good great love happy wonderful excellent nice beautiful best amazing joy fun".split()
@@ -182,8 +187,10 @@ def test_summarize_from_feedback_jsonl_and_parquet_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_import_then_train_reward(tmp_path):
-    """The command line writes a file that train_reward (configs/sentiment.py:runlocal) trains on."""
+def test_cli_import_then_train_reward(tmp_path, wandb_offline):
+    """The command line writes a file that train_reward (configs/sentiment.py:runlocal) trains on.
+
+    The run also logs to W&B (offline): the trainer hands its config to the metrics writer."""
     src = write_jsonl(tmp_path / "pairs.jsonl", sentiment_pairs(320, seed=1))
     out, report = tmp_path / "labels.json", tmp_path / "report.json"
     cmd = [sys.executable, "-m", "rlhf_jax.label", "import", "--task",
@@ -199,9 +206,14 @@ def test_cli_import_then_train_reward(tmp_path):
     cfg.rewards.batch_size = 16
     cfg.rewards.normalize_before = cfg.rewards.normalize_after = False
     cfg.rewards.verify_samples = 0
+    cfg.wandb.project, cfg.wandb.mode = "rlhf-test", "offline"
     final = train_reward.train_reward(cfg, str(tmp_path / "rm"))
     assert final["valid/num_labels"] == 64
     assert final["valid/accuracy"] > 0.6, final
+    ((_, history, config),) = read_offline_runs(str(tmp_path / "rm"))
+    assert config["labels"]["path"] == str(out) and config["labels"]["type"] == "best_of_2"
+    rows = metrics.read_jsonl(str(tmp_path / "rm" / metrics.METRICS_FILE))
+    assert rows_by_step(rows) == history
     # Bad input through the command line: a clear error and exit status 1.
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "rejected": "y"}])
     proc = subprocess.run(cmd[:7] + [bad] + cmd[8:], cwd=ROOT, capture_output=True, text=True,
