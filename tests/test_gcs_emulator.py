@@ -10,6 +10,7 @@ anywhere else would fail the test instead of leaving the machine.
 
 import ipaddress
 import os
+import subprocess
 import sys
 
 import jax
@@ -73,6 +74,20 @@ def test_epath_text_files_go_to_the_emulator(loopback_only):
     assert emulator.objects(bucket) == ["runs/a/metrics.jsonl", "runs/a/sub/x.bin"]
     with pytest.raises(FileNotFoundError):
         (run / "nope.txt").read_text()
+
+
+def test_subprocesses_inherit_the_recipe(loopback_only):
+    """A fresh process (a trainer run by a later test) gets the plain gcsfs class from the
+    environment alone: no 60 s gRPC bucket-type lookup, hence the short timeout."""
+    bucket = loopback_only.create_bucket("rlhf-subprocess")
+    code = ("import gcsfs, gcsfs.core; from etils import epath;"
+            f"p = epath.Path('gs://{bucket}/x.txt'); p.write_text('from a subprocess');"
+            "print(gcsfs.GCSFileSystem is gcsfs.core.GCSFileSystem, p.read_text())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split(None, 1) == ["True", "from a subprocess\n"]
+    assert loopback_only.objects(bucket) == ["x.txt"]
 
 
 def test_tensorstore_gcs_conditional_writes(loopback_only):
