@@ -111,8 +111,8 @@ def test_on_long_error_lists_every_long_record_and_writes_nothing(tmp_path):
         do_import(src, "pairs", tmp_path / "o.json", on_long="error")
     msg = str(err.value)
     assert "2 of 6 records exceed" in msg
-    assert f"{src}:line 2: query has 80 tokens > 64" in msg
-    assert f"{src}:line 5: response" in msg and "30 tokens > 24" in msg
+    assert f"{src}:2: query has 80 tokens > 64" in msg
+    assert f"{src}:5: response" in msg and "30 tokens > 24" in msg
     assert not (tmp_path / "o.json").exists()
 
 
@@ -120,21 +120,21 @@ def test_bad_input_names_file_line_and_field(tmp_path):
     rows = sentiment_pairs(3)
     del rows[1]["chosen"]
     src = write_jsonl(tmp_path / "p.jsonl", rows)
-    with pytest.raises(pi.PreferenceImportError, match=r"p.jsonl:line 2: missing field 'chosen'"):
+    with pytest.raises(pi.PreferenceImportError, match=r"p.jsonl:2: missing field 'chosen'"):
         do_import(src, "pairs", tmp_path / "o.json")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(pi.PreferenceImportError, match="empty.jsonl: the file holds no records"):
         do_import(str(empty), "pairs", tmp_path / "o.json")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{oops\n')
-    with pytest.raises(pi.PreferenceImportError, match="bad.jsonl:line 2: invalid JSON"):
+    with pytest.raises(pi.PreferenceImportError, match=r"bad.jsonl:2: malformed JSON"):
         do_import(str(tmp_path / "bad.jsonl"), "pairs", tmp_path / "o.json")
     bon = [{"query": "Q.", "samples": [" a", " b", " c"], "best": 1},
            {"query": "Q.", "samples": [" a", " b"], "best": 0}]
-    with pytest.raises(pi.PreferenceImportError, match="line 2: 2 different sample counts"):
+    with pytest.raises(pi.PreferenceImportError, match="b.jsonl:2: 2 different sample counts"):
         do_import(write_jsonl(tmp_path / "b.jsonl", bon), "best_of_n", tmp_path / "o.json")
     bon = [{"query": "Q.", "samples": [" a", " b", " c"], "best": 3}]
-    with pytest.raises(pi.PreferenceImportError, match=r"line 1: field 'best'.*\[0, 3\), got 3"):
+    with pytest.raises(pi.PreferenceImportError, match=r"b.jsonl:1: field 'best'.*\[0, 3\), got 3"):
         do_import(write_jsonl(tmp_path / "b.jsonl", bon), "best_of_n", tmp_path / "o.json")
     conv = [{"prompt": "Q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}]
     with pytest.raises(pi.PreferenceImportError, match="field 'chosen'.*conversation lists"):
@@ -181,7 +181,7 @@ def test_summarize_from_feedback_jsonl_and_parquet_agree(tmp_path):
     assert labels["best"].tolist() == [0, 1, 0, 1]  # the labeller's order is kept
     assert tok.decode([t for t in labels["query"][2] if t != PAD_ID]) == rows[2]["info"]["post"]
     del rows[1]["summaries"][0]["text"]
-    with pytest.raises(pi.PreferenceImportError, match=r"line 2: missing field 'summaries\[0\]"):
+    with pytest.raises(pi.PreferenceImportError, match=r"x.jsonl:2: missing field 'summaries\[0\]"):
         do_import(write_jsonl(tmp_path / "x.jsonl", rows), "summarize_from_feedback",
                   tmp_path / "c.json")
 
@@ -218,4 +218,4 @@ def test_cli_import_then_train_reward(tmp_path, wandb_offline):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "rejected": "y"}])
     proc = subprocess.run(cmd[:7] + [bad] + cmd[8:], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 1 and "bad.jsonl:line 1: missing field 'chosen'" in proc.stderr
+    assert proc.returncode == 1 and "bad.jsonl:1: missing field 'chosen'" in proc.stderr

@@ -60,8 +60,8 @@ def read_records(path: str) -> list[tuple[str, int, dict]]:
             Parquet; anything else is read as JSONL.
 
     Returns:
-        `(where, number, record)` triples: `where` is "file:line N" (blank lines are skipped but
-        counted) or "file:row N", and `number` that N.
+        `(where, number, record)` triples: `where` is "file:N" for line N of a JSONL file
+        (blank lines are skipped but counted) or "file:row N" for Parquet, `number` that N.
 
     Raises:
         PreferenceImportError: for an empty file, bad JSON or a line that is not an object.
@@ -73,19 +73,9 @@ def read_records(path: str) -> list[tuple[str, int, dict]]:
         rows = pq.read_table(name).to_pylist()
         records = [(f"{name}:row {i + 1}", i + 1, row) for i, row in enumerate(rows)]
     else:
-        records = []
-        for i, line in enumerate(sources.read_text(name).splitlines()):
-            if not line.strip():
-                continue
-            where = f"{name}:line {i + 1}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PreferenceImportError(f"{where}: invalid JSON: {e.msg}") from None
-            if not isinstance(record, dict):
-                raise PreferenceImportError(
-                    f"{where}: expected a JSON object, got {type(record).__name__}")
-            records.append((where, i + 1, record))
+        lines = sources.read_text(name).splitlines()
+        records = [(where, n, record) for n, where, record
+                   in sources.json_objects(lines, name, PreferenceImportError)]
     if not records:
         raise PreferenceImportError(f"{name}: the file holds no records")
     return records
@@ -130,7 +120,7 @@ def parse_record(record: dict, fmt: str, where: str,
     Args:
         record: the parsed JSON object (or Parquet row).
         fmt: one of FORMATS.
-        where: "file:line N", for error messages.
+        where: "file:N" (the line), for error messages.
         order_key: (seed, line number): seeds the sample order of a `pairs` record, so the
             order of one record does not depend on which others were dropped.
 

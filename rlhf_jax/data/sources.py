@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterable, Iterator
 import urllib.error
 import urllib.request
 
@@ -116,6 +117,34 @@ def load_texts(
     if fmt == "text":
         return [line for line in read_text(path).splitlines() if line.strip()]
     raise SourceError(f"unknown text format {fmt!r} for {path}: expected 'jsonl' or 'text'")
+
+
+def json_objects(lines: Iterable[str], name: str,
+                 error: type[Exception] = SourceError) -> Iterator[tuple[int, str, dict]]:
+    """Parses JSON-lines whose every non-blank line is an object.
+
+    Args:
+        lines: the file's lines (an open file, or `text.splitlines()`).
+        name: the file name, for error messages.
+        error: the exception class to raise.
+
+    Yields:
+        `(line number, "name:line", object)`, 1-based, blank lines skipped.
+
+    Raises:
+        error: naming the file and line of malformed JSON or a value that is not an object.
+    """
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{where}: malformed JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, where, record
 
 
 def parse_jsonl(text: str, name: str, *, field: str = "text") -> list[str]:
