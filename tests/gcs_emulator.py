@@ -9,18 +9,28 @@
 `gcp-storage-emulator` (in memory) serves the GCS JSON API on 127.0.0.1. `emulator_env` is the
 recipe that sends every gs:// read and write of this project's stack there and nowhere else:
 
-| variable | who reads it | effect |
-|---|---|---|
-| STORAGE_EMULATOR_HOST | gcsfs (etils.epath's gs:// backend), google-cloud-storage | the JSON API endpoint |
-| GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false | gcsfs, when it is imported | the plain `GCSFileSystem`, not the zonal/HNS one whose gRPC storage-layout lookup fails TLS against an emulator and waits 60 s per bucket |
-| FSSPEC_GCS_TOKEN=anon | fsspec -> gcsfs(token="anon") | no credential discovery, so no GCE metadata probe |
-| TENSORSTORE_GCS_HTTP_URL | tensorstore's `gcs` kvstore (orbax array data) | the endpoint; tensorstore ignores STORAGE_EMULATOR_HOST |
-| GOOGLE_AUTH_TOKEN_FOR_TESTING | tensorstore | a fixed bearer token: its first auth choice, so it never looks for credentials or probes the metadata server |
-| NO_GCE_CHECK=true | google-auth | never probes the metadata server |
+- STORAGE_EMULATOR_HOST (read by gcsfs, etils.epath's gs:// backend, and by
+  google-cloud-storage): the JSON API endpoint.
+- GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (read by gcsfs when it is imported): the plain
+  `GCSFileSystem`, not the zonal/HNS `ExtendedGcsFileSystem`, whose gRPC storage-layout lookup
+  fails its TLS handshake against an emulator and only then falls back (46 s for one write,
+  measured here; environment.md saw 60 s).
+- FSSPEC_GCS_TOKEN=anon (fsspec passes it as gcsfs's `token`): no credential discovery, hence
+  no probe of the GCE metadata server.
+- TENSORSTORE_GCS_HTTP_URL (tensorstore's `gcs` kvstore, which writes orbax's array data): the
+  endpoint. Tensorstore 0.1.86 does not read STORAGE_EMULATOR_HOST.
+- GOOGLE_AUTH_TOKEN_FOR_TESTING (tensorstore): a fixed bearer token, its first choice of
+  credentials, so it never reads credential files nor probes the metadata server.
+- NO_GCE_CHECK=true (google-auth): never probe the metadata server.
 
 Orbax writes array data through tensorstore's `gcs` driver (unless TENSORSTORE_GCS_BACKEND says
 `gcs_grpc`, which this recipe does not serve) and everything else (directories, metadata,
 commit markers) through etils.epath, so both halves above are needed.
+
+The emulator does not implement GCS's generation preconditions nor send `x-goog-generation`;
+tensorstore's OCDBT format (orbax's default) needs both, and without them about one orbax save
+in four failed here ("Malformed StorageGeneration"). `_install_preconditions` adds them to the
+emulator's object routes, in this process only.
 
 Process-wide caches decide when the variables must be set: etils.epath keeps one gcsfs
 filesystem per process and tensorstore one auth provider, both made at the first gs:// use.
@@ -154,7 +164,8 @@ class GcsEmulator:
         """Names of the objects in `bucket`, read straight from the emulator's API."""
         names, token = [], ""
         while True:
-            url = f"{self.endpoint}/storage/v1/b/{bucket}/o" + (f"?pageToken={token}" if token else "")
+            url = f"{self.endpoint}/storage/v1/b/{bucket}/o"
+            url += f"?pageToken={token}" if token else ""
             with urllib.request.urlopen(url, timeout=30) as response:
                 page = json.load(response)
             names += [item["name"] for item in page.get("items", [])]

@@ -1,6 +1,5 @@
 """`python -m rlhf_jax.label import`: text preferences (JSONL, Parquet) into label files."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from rlhf_jax import metrics, train_reward
 from rlhf_jax.data import labels as labels_lib
 from rlhf_jax.data import preference_import as pi
 from rlhf_jax.tokenizer import PAD_ID, get_tokenizer
+from tests.test_train_reward import load_config
 from tests.test_wandb_logging import (  # noqa: F401 - wandb_offline is a fixture
     read_offline_runs,
     rows_by_step,
@@ -23,13 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POS = "good great love happy wonderful excellent nice beautiful best amazing joy fun".split()
 NEG = "bad terrible hate sad awful horrible worst ugly angry pain fear poor".split()
 NEU = "the table walked window river paper house stone car door street tree".split()
-
-
-def load_config(name="sentiment", arg="runlocal"):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def write_jsonl(path, rows):

@@ -87,7 +87,8 @@ def _text(record: dict, key: str, where: str, *, parent: str = "") -> str:
         raise PreferenceImportError(f"{where}: missing field {field!r}")
     value = record[key]
     if not isinstance(value, str):
-        hint = " (conversation lists are not supported: give text)" if isinstance(value, list) else ""
+        hint = (" (conversation lists are not supported: give text)"
+                if isinstance(value, list) else "")
         raise PreferenceImportError(
             f"{where}: field {field!r}: expected a string, got {type(value).__name__}{hint}")
     return value
