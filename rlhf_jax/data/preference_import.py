@@ -175,14 +175,14 @@ def import_preferences(input_path: str, fmt: str, output: str, *, tokenizer, que
         input_path: JSONL or Parquet file (see the module docstring).
         fmt: one of FORMATS.
         output: the label file to write (JSON array, spec §5.2).
-        on_long: "truncate" or "error" (see the module docstring).
-        seed: seeds the sample order of `pairs` records.
-        split: keep only records whose "split" field equals this ("" keeps all).
         tokenizer: the task's tokenizer (`encode`).
         query_length: tokens per query (`task.query_length`).
         response_length: tokens per sample (`task.response_length`).
         vocab_size: ids must lie below it (the model's).
         pad_id: right-padding id (50259 for GPT-2).
+        on_long: "truncate" or "error" (see the module docstring).
+        seed: seeds the sample order of `pairs` records.
+        split: keep only records whose "split" field equals this ("" keeps all).
 
     Returns:
         The import summary: counts of records read, written, dropped and truncated.
