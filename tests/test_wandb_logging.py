@@ -44,17 +44,31 @@ def _log_chunks(data: bytes) -> list[bytes]:
     return out
 
 
-def read_offline_runs(workdir):
-    """[(run id, {step: {metric: value}}, config dict)] of every offline run under workdir."""
+def _records(path, timeout=60.0):
+    """The records of a finished run's file. `run.finish()` can return before wandb's separate
+    writer process has written the file out (seen under load), so this waits for the run's
+    final "exit" record."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for chunk in _log_chunks(open(path, "rb").read()):
+            records.append(pb.Record())
+            records[-1].ParseFromString(chunk)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.2)
+
+
+def read_offline_runs(workdir):
+    """[(run id, {step: {metric: value}}, config dict)] of every offline run under workdir."""
     runs = []
     paths = glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))
-    for path in sorted(paths, key=os.path.getmtime):  # oldest first (names have 1 s resolution)
+    for path in sorted(paths):  # by start time: offline-run-YYYYMMDD_HHMMSS-<id>
         history, config, run_id = {}, {}, None
-        for chunk in _log_chunks(open(path, "rb").read()):
-            record = pb.Record()
-            record.ParseFromString(chunk)
+        for record in _records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run_id = record.run.run_id
@@ -99,7 +113,8 @@ def test_rows_and_config_go_to_an_offline_run_and_resume_continues_it(tmp_path, 
     rows = metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))
     assert rows_by_step(rows) == history
     # Resuming after step 2 continues the same W&B run. (Offline run directories are named by
-    # the second they start in: start the second one in a later second, so it gets its own.)
+    # the second they start in: start the second one in a later second, so it gets its own
+    # directory and sorts after the first.)
     time.sleep(1.05 - time.time() % 1)
     with metrics.MetricWriter(workdir, tensorboard=False, resume_step=2,
                               config=run_config()) as writer:
