@@ -136,6 +136,11 @@ def _install_preconditions() -> None:
     server._rlhf_jax_conditional = True
 
 
+# Its own opener, without proxies: `urllib.request.urlopen` would build the process-wide opener
+# with whatever proxy variables a test has set, and keep them for every later test.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class GcsEmulator:
     """An in-memory GCS emulator serving on a free loopback port."""
 
@@ -156,7 +161,7 @@ class GcsEmulator:
         request = urllib.request.Request(
             f"{self.endpoint}/storage/v1/b?project=test", method="POST",
             data=json.dumps({"name": name}).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with _DIRECT.open(request, timeout=30) as response:
             assert response.status == 200, response.status
         return name
 
@@ -166,7 +171,7 @@ class GcsEmulator:
         while True:
             url = f"{self.endpoint}/storage/v1/b/{bucket}/o"
             url += f"?pageToken={token}" if token else ""
-            with urllib.request.urlopen(url, timeout=30) as response:
+            with _DIRECT.open(url, timeout=30) as response:
                 page = json.load(response)
             names += [item["name"] for item in page.get("items", [])]
             token = page.get("nextPageToken", "")
