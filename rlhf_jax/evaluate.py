@@ -30,6 +30,7 @@ from typing import Any
 from absl import app, flags
 
 from rlhf_jax import runtime, summary_metrics
+from rlhf_jax.data import sources
 
 FIELDS = ("query", "response")
 
@@ -56,16 +57,7 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
     out: dict[str, list[str]] = {"query": [], "response": [], "reference": []}
     first_ref_line = first_plain_line = None
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SamplesError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise SamplesError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for lineno, where, row in sources.json_objects(f, path, SamplesError):
             for field in FIELDS + (("reference",) if "reference" in row else ()):
                 if field not in row:
                     raise SamplesError(f"{where}: missing field {field!r}; has {sorted(row)}")

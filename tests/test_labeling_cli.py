@@ -95,27 +95,27 @@ GOOD = {"query": QUERIES[2], "samples": SAMPLES}
 
 @pytest.mark.parametrize("rows,message", [
     ([GOOD, {"query": QUERIES[1], "samples": SAMPLES[:3]}],
-     "line 2: field 'samples': expected 4 samples (the task is best_of_4), got 3"),
+     "2: field 'samples': expected 4 samples (the task is best_of_4), got 3"),
     ([GOOD, {"query": QUERIES[0], "samples": SAMPLES[:2] + ["", SAMPLES[3]]}],
-     "line 2: sample 2 is empty"),
-    ([GOOD, "", '{"query": "x", "samples": [}'], "line 3: invalid JSON"),
+     "2: sample 2 is empty"),
+    ([GOOD, "", '{"query": "x", "samples": [}'], "3: malformed JSON"),
     ([{"query": QUERIES[0], "response": s} for s in SAMPLES[:3]],
-     "line 1: query has 3 samples, expected 4 (write the file with `python -m rlhf_jax.sample "
+     "1: query has 3 samples, expected 4 (write the file with `python -m rlhf_jax.sample "
      "--num_samples 4`)"),
     ([GOOD, {"query": QUERIES[0], "samples": SAMPLES[:3] + [" word" * 30]}],
-     "line 2: sample 3 has 30 tokens, more than response_length=24"),
+     "2: sample 3 has 30 tokens, more than response_length=24"),
     ([GOOD, {"query": "no full stop here", "samples": SAMPLES}],
-     "line 2: the query does not survive the task's formatting rules"),
-    ([GOOD, {"query": QUERIES[1], "response": "x"}], "line 2: mixes comparison rows"),
+     "2: the query does not survive the task's formatting rules"),
+    ([GOOD, {"query": QUERIES[1], "response": "x"}], "2: mixes comparison rows"),
     ([GOOD, {"query": QUERIES[0], "samples": SAMPLES, "kind": "gold"}],
-     "line 2.best: a gold comparison needs its known answer"),
+     "2.best: a gold comparison needs its known answer"),
 ])
 def test_a_bad_samples_file_is_refused_with_its_line_and_nothing_is_enqueued(
         tmp_path, capsys, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     status, _, err = run(capsys, "enqueue", "--workdir", tmp_path, "--task", TASK, "--samples", path)
     assert status == 2
-    assert f"{path}: {message}" in err
+    assert f"{path}:{message}" in err
     store = LabelStore.open(str(tmp_path))
     assert store.counts()["comparisons"]["total"] == 0
     store.close()

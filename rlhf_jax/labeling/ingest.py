@@ -198,7 +198,7 @@ def read_sample_file(path: str, ctx: TaskContext, *, kind: str = "train", round_
     defaults = {"kind": kind, "round": round_, "task": ctx.name}
     n = ctx.identity.num_samples
     records, names, skipped, seen = [], [], {"invalid": 0, "duplicates": 0}, set()
-    group, group_line, style = [], 0, None
+    group, group_where, style = [], "", None
 
     def add(record, where):
         if record["key"] in seen:
@@ -210,7 +210,7 @@ def read_sample_file(path: str, ctx: TaskContext, *, kind: str = "train", round_
 
     def close_group():
         nonlocal group
-        where = f"{path}: line {group_line}"
+        where = group_where
         if len(group) != n:
             _fail(where, f"query has {len(group)} samples, expected {n} (write the file with "
                          f"`python -m rlhf_jax.sample --num_samples {n}`)")
@@ -220,10 +220,8 @@ def read_sample_file(path: str, ctx: TaskContext, *, kind: str = "train", round_
             add(_from_sample_rows(group, ctx, where, defaults), where)
         group = []
 
-    for lineno, row in sources.jsonl_values(sources.read_text(path), path, InvalidError):
-        where = f"{path}: line {lineno}"
-        if not isinstance(row, dict):
-            _fail(where, f"expected a JSON object, got {type(row).__name__}")
+    for _, where, row in sources.json_objects(sources.read_text(path).splitlines(), path,
+                                               InvalidError):
         row_style = "comparison" if "samples" in row else "sample" if "response" in row else None
         if row_style is None:
             _fail(where, "expected fields 'query' and 'samples' (one comparison per line), or "
@@ -238,7 +236,7 @@ def read_sample_file(path: str, ctx: TaskContext, *, kind: str = "train", round_
         if group and (row.get("query") != group[0].get("query") or len(group) == n):
             close_group()
         if not group:
-            group_line = lineno
+            group_where = where
         group.append(row)
     if group:
         close_group()
