@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 
-from rlhf_jax import experiment, flops, label_types, models, ppo_trainer, sharding, train_reward
+from rlhf_jax import cli, experiment, flops, label_types, models, ppo_trainer, sharding, train_reward
 from rlhf_jax.data import tasks
 
 GIB = flops.GIB
@@ -597,7 +597,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
@@ -608,4 +608,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("hbm_gib", None, "Per-device memory limit in GiB (default: the compiler's).")
     flags.DEFINE_string("json", None, "Also write the report as JSON here.")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

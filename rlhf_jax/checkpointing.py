@@ -41,7 +41,7 @@ from rlhf_jax.checkpoint_integrity import CheckpointCorruptError, NoRestorableCh
 
 STATE = "state"
 META = "meta"
-_CHECKSUMS = "_checksums"  # meta key holding the state's per-leaf digests
+CHECKSUMS_KEY = "_checksums"  # meta key holding the state's per-leaf digests
 _MISSING = "<missing>"
 
 
@@ -224,7 +224,7 @@ class Checkpointer:
             return False
         if before_write is not None:
             before_write()
-        meta = _jsonable(dict(meta)) | {_CHECKSUMS: integrity.tree_checksums(state)}
+        meta = _jsonable(dict(meta)) | {CHECKSUMS_KEY: integrity.tree_checksums(state)}
         args = ocp.args.Composite(
             **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
         )
@@ -276,7 +276,7 @@ class Checkpointer:
             why = integrity.describe_error(err, step_dir)
             raise CheckpointCorruptError(f"step {step}: {why}") from err
         state, meta = restored[STATE], dict(restored[META])
-        saved = meta.pop(_CHECKSUMS, None)
+        saved = meta.pop(CHECKSUMS_KEY, None)
         if not saved:
             logging.warning("checkpoint: step %d in %s has no checksums (written by an older "
                             "version); its arrays are not verified", step, self.directory)

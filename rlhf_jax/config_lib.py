@@ -283,6 +283,9 @@ def runtime_config(config: ml_collections.ConfigDict) -> None:
     config.ckpt_every = 50
     config.ckpt_keep = 3
     config.tensorboard = True
+    # Weights & Biases (optional, `pip install 'rlhf_jax[wandb]'`): project "" = off; mode
+    # "online", "offline" or "disabled" ("" = wandb's default / WANDB_MODE).
+    config.wandb = dict(project="", entity="", name="", group="", mode="")
     # Stop (checkpoint, exit 3) after this many iterations of one process; 0 = run to the end.
     # For time-sliced jobs; the same command resumes.
     config.stop_after = 0

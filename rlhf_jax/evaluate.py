@@ -30,6 +30,7 @@ from typing import Any
 from absl import app, flags
 
 from rlhf_jax import runtime, summary_metrics
+from rlhf_jax.data import sources
 from rlhf_jax.runs import validation
 
 FIELDS = ("query", "response")
@@ -57,21 +58,8 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
     out: dict[str, list[str]] = {"query": [], "response": [], "reference": []}
     first_ref_line = first_plain_line = None
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise SamplesError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
-                                   "expected JSON lines") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SamplesError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise SamplesError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        lines = sources.utf8_lines(f, path, SamplesError)
+        for lineno, where, row in sources.json_objects(lines, path, SamplesError):
             for field in FIELDS + (("reference",) if "reference" in row else ()):
                 if field not in row:
                     raise SamplesError(f"{where}: missing field {field!r}; has {sorted(row)}")

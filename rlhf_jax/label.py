@@ -11,6 +11,12 @@ the best. As in the paper, the labeler sees only samples that pass the task's va
 valid samples is dropped; the counts are logged and returned). The output is a JSON array in
 the released label files' format (spec §5.2), written atomically; `train_reward` reads it back
 with full validation.
+
+Your own preference data as text (JSONL or Parquet: best-of-N, prompt/chosen/rejected pairs,
+summarize_from_feedback comparisons) becomes a label file with
+  python -m rlhf_jax.label import --task configs/sentiment.py --input prefs.jsonl \
+      --format pairs --output labels.json [--on_long truncate|error]
+(see rlhf_jax/data/preference_import.py).
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from rlhf_jax import (
+    cli,
     experiment,
     label_types,
     labelers,
@@ -248,11 +256,18 @@ def main(argv):
     write_mock_labels(FLAGS.config, FLAGS.output, FLAGS.num_labels)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["import"]:
+    # `python -m rlhf_jax.label import --task ... --input ... --format ...`: your own text
+    # preferences into a label file (rlhf_jax/data/preference_import.py has its flags).
+    from rlhf_jax.data import preference_import
+
+    del sys.argv[1]
+    preference_import.main()
+elif __name__ == "__main__":
     # Flags are defined only when run as a program, so entry modules import side by side.
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                     lock_config=True)
     flags.DEFINE_string("output", None, "Label file to write (JSON array).")
     flags.DEFINE_integer("num_labels", 0, "Records to write; 0 = num_train + num_valid.")
     flags.mark_flags_as_required(["config", "output"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from rlhf_jax import (
+    cli,
     experiment,
     label,
     labelers,
@@ -46,7 +47,6 @@ from rlhf_jax import (
 from rlhf_jax.data import summarization
 
 logger = logging.getLogger(__name__)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TASKS = ("sentiment", "tldr")
 
 
@@ -54,7 +54,8 @@ def quickstart_config(workdir: str, task: str = "sentiment") -> ml_collections.C
     """`configs/{task}.py:runlocal` with CPU-sized labels, reward model and PPO."""
     if task not in TASKS:
         raise ValueError(f"quickstart task {task!r}: known tasks are {', '.join(TASKS)}")
-    path = os.path.join(CONFIG_DIR, f"{task}.py")
+    # The repo's configs/, or the copy a non-editable install puts in rlhf_jax/configs/.
+    path = os.path.join(cli.configs_dir() or "configs", f"{task}.py")
     spec = importlib.util.spec_from_file_location(f"{task}_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, experiment, labelers, runtime, sampling, sharding
+from rlhf_jax import checkpointing, cli, experiment, labelers, runtime, sampling, sharding
 from rlhf_jax.data import sources, summarization, tasks
 from rlhf_jax.runs import record, validation
 
@@ -185,4 +185,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("top_p", 1.0, "Nucleus truncation (1 = off, as in training).")
     flags.DEFINE_integer("seed", 0, "PRNG seed.")
     flags.mark_flags_as_required(["output"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

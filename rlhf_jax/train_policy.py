@@ -31,12 +31,13 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rlhf_jax import (
     checkpointing,
+    cli,
     experiment,
     flops,
     kl_control,
@@ -210,4 +211,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

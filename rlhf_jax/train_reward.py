@@ -36,12 +36,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rlhf_jax import (
     checkpointing,
+    cli,
     experiment,
     flops,
     label_types,
@@ -375,4 +376,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the model go.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

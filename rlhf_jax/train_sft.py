@@ -44,11 +44,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, experiment, flops, labelers, metrics as metrics_lib, models
+from rlhf_jax import checkpointing, cli, experiment, flops, labelers, models
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import optim, runtime, sampling, sharding
 from rlhf_jax.data import summarization, tasks
 from rlhf_jax.data.sft import SFTData, summary_example  # noqa: F401 - re-exported
@@ -378,4 +379,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the model go.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -415,16 +414,7 @@ def jsonl_source(
     fix = clean or (lambda s: s)
     pairs = []
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for _, where, record in sources.json_objects(f, str(path), RecordError):
             fields = [text_field] + ([summary_field] if summary_field is not None else [])
             for field in fields:
                 if field not in record:

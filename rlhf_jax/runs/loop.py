@@ -111,7 +111,7 @@ class TrainRun:
         # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first save.
         self.writer = metrics_lib.MetricWriter(
             self.workdir, tensorboard=self.config.get("tensorboard", True),
-            resume_step=-1 if step is None else step)
+            resume_step=-1 if step is None else step, config=self.config)
         if found is None:
             return None
         logger.info("%s: resumed from step %d", self.trainer, step)
