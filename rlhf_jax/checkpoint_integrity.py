@@ -83,7 +83,7 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
                               dtype=jnp.uint32) for seed in _SEEDS])
 
 
-# One program for the whole tree, not one per leaf: many small multi-device programs in flight
+# One program for many leaves, not one per leaf: many small multi-device programs in flight
 # at once deadlock XLA:CPU's collectives on a machine with few cores (measured: 8 fake devices,
 # 2 cores, "Expected 8 threads to join the rendezvous"), and one program is one dispatch.
 _tree_digest = jax.jit(lambda tree: jax.tree.map(_leaf_digest, tree))
@@ -106,9 +106,19 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     Returns:
         {leaf name: 16 hex digits}.
     """
-    digests = jax.device_get(_tree_digest(tree))
-    leaves = jax.tree_util.tree_flatten_with_path(digests)[0]
-    return {leaf_name(path): "".join(f"{int(w):08x}" for w in np.asarray(d)) for path, d in leaves}
+    # One program per set of devices the leaves live on (a train state's arrays share the
+    # mesh, but a step counter may sit on one device, and numpy leaves on none).
+    groups: dict[Any, list] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        devices = getattr(getattr(leaf, "sharding", None), "device_set", None)
+        key = None if devices is None else tuple(sorted(d.id for d in devices))
+        groups.setdefault(key, []).append((path, leaf))
+    out = {}
+    for items in groups.values():
+        digests = jax.device_get(_tree_digest([leaf for _, leaf in items]))  # blocks: one at a time
+        for (path, _), digest in zip(items, digests):
+            out[leaf_name(path)] = "".join(f"{int(w):08x}" for w in np.asarray(digest))
+    return out
 
 
 def mismatches(tree: Any, expected: dict[str, str]) -> list[str]:

@@ -359,8 +359,10 @@ def test_checksums_ignore_the_mesh_and_catch_one_bit():
     w = jnp.arange(8 * 16, dtype=jnp.float32).reshape(8, 16)
     tree = {"w": w, "b": jnp.ones(5, jnp.bfloat16), "n": jnp.asarray(3)}
     plain = integrity.tree_checksums(tree)
-    sharded = dict(tree, w=jax.device_put(w, NamedSharding(_mesh((8,), ("fsdp",)), P("fsdp"))))
+    sharded = dict(tree, w=jax.device_put(w, NamedSharding(_mesh((8,), ("fsdp",)), P("fsdp"))),
+                   n=jax.device_put(tree["n"], jax.devices()[3]))  # leaves on other devices
     assert integrity.tree_checksums(sharded) == plain
+    assert integrity.tree_checksums(jax.tree.map(np.asarray, sharded)) == plain
     assert integrity.mismatches(sharded, plain) == []
     bits = np.asarray(w).copy()
     bits.view(np.uint32)[3, 5] ^= 1  # the lowest mantissa bit of one element
