@@ -7,6 +7,7 @@ import os
 import pytest
 
 from rlhf_jax import config_lib
+from rlhf_jax.runs.record import flatten
 from tests.test_summarize_configs import parse_command_line
 from tests.test_train_reward import ROOT, load_config
 
@@ -25,16 +26,6 @@ PAPER_774M = {
     "summarize": {"rewards.batch_size": 32, "rewards.lr": 1.77e-5, "labels.num_train": 45_984,
                   "ppo.total_episodes": 2_000_000, "ppo.batch_size": 512, "ppo.lr": 7.07e-6},
 }
-
-
-def flatten(d, prefix=""):
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # Fields added after issue 16 by other work (new options with their own tests): they are new
