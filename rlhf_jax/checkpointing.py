@@ -37,7 +37,10 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from rlhf_jax import checkpoint_integrity as integrity
 from rlhf_jax import runtime
-from rlhf_jax.checkpoint_integrity import CheckpointCorruptError, NoRestorableCheckpointError  # noqa: F401
+from rlhf_jax.checkpoint_integrity import (  # noqa: F401 - part of this module's API
+    CheckpointCorruptError,
+    NoRestorableCheckpointError,
+)
 
 STATE = "state"
 META = "meta"
