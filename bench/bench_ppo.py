@@ -133,6 +133,7 @@ def setup_jax(args, config, policy_params, rm_params, queries_list):
     import numpy as np
 
     from rlhf_jax import ppo_trainer, sharding
+    from rlhf_jax.runs import nonfinite
 
     p = ppo_config(args)
     spec = task_spec(args, config)
@@ -192,9 +193,10 @@ def setup_jax(args, config, policy_params, rm_params, queries_list):
         t1 = time.perf_counter()
         if "first_rollout" not in info:
             info["first_rollout"] = {k: np.asarray(v) for k, v in jax.device_get(data).items()}
-        state, train_stats = update_c(state, data, jax.random.fold_in(rng_shuffle, i))
+        state, train_stats, flags = update_c(state, data, jax.random.fold_in(rng_shuffle, i))
         # The train loop reads every stat back each iteration (finiteness check, KL control).
         stats = {k: float(v) for k, v in jax.device_get({**stats, **train_stats}).items()}
+        assert int(flags) == 0, nonfinite.flag_names(int(flags))
         box["state"] = state
         info.setdefault("first_stats", stats)
         return {"rollout": t1 - t0, "update": time.perf_counter() - t1}

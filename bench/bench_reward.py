@@ -275,6 +275,7 @@ def setup_jax(args, config, params, batches):
     import optax
 
     from rlhf_jax import label_types, models, networks, optim, sharding
+    from rlhf_jax.runs import nonfinite
 
     label_type = label_types.get_label_type(f"best_of_{args.num_samples}")
     schedule = optim.reward_lr_schedule(args.lr, args.num_steps, kind="linear")
@@ -292,16 +293,18 @@ def setup_jax(args, config, params, batches):
         return label_type.loss(rewards, batch["label"])
 
     def train_step(state, batch):
-        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         stats = {f"train/{k}": v for k, v in stats.items()}
         stats["train/lr"] = schedule(state["step"])
         stats["train/gain"] = new_params["reward_norm"]["gain"]
-        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+        flags = nonfinite.step_flags(loss, grads, new_params)
+        return ({"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, stats,
+                flags)
 
-    step_fn = jax.jit(train_step, in_shardings=(state_sh, None), out_shardings=(state_sh, None),
-                      donate_argnums=(0,))
+    step_fn = jax.jit(train_step, in_shardings=(state_sh, None),
+                      out_shardings=(state_sh, None, None), donate_argnums=(0,))
     ctx = sharding.mesh_context(mesh, rules)
     ctx.__enter__()  # left open for the life of the benchmark
     p = jax.device_put(params, param_sh)
@@ -316,9 +319,11 @@ def setup_jax(args, config, params, batches):
     losses = []
 
     def run(i):
-        box["state"], stats = compiled(box["state"], dev_batches[i])
-        # The train loop reads stats back every log step; read them every step here.
+        box["state"], stats, flags = compiled(box["state"], dev_batches[i])
+        # The train loop reads its non-finite flags every step and stats every log step; read
+        # both every step here.
         losses.append(float(jax.device_get(stats)["train/loss"]))
+        assert int(flags) == 0, nonfinite.flag_names(int(flags))
 
     t0 = time.perf_counter()
     run(0)

@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from rlhf_jax import checkpoint_integrity as integrity
+from rlhf_jax import checkpointing
 from rlhf_jax.checkpointing import META, STATE
 
 
@@ -81,14 +83,29 @@ def read_state(directory: str | os.PathLike, step: int | None = None,
             STATE: ocp.args.PyTreeRestore(item={key: target}, restore_args={key: args},
                                           partial_restore=True),
             META: ocp.args.JsonRestore()}))
-    return restored[STATE][key], dict(restored[META]), step
+    meta = dict(restored[META])
+    saved = meta.pop(checkpointing.CHECKSUMS_KEY, None) or {}
+    _verify({key: restored[STATE][key]},
+            {name: d for name, d in saved.items() if name.startswith(key + "/")}, path / str(step))
+    return restored[STATE][key], meta, step
 
 
-def read_params(path: str | os.PathLike) -> Any:
+def _verify(tree: Any, checksums: dict[str, str], where) -> None:
+    """Checks restored arrays against the digests saved with them (when there are any)."""
+    bad = integrity.mismatches(tree, checksums) if checksums else []
+    if bad:
+        raise integrity.CheckpointCorruptError(
+            f"{where}: {len(bad)} arrays differ from what was saved (checksum mismatch): "
+            f"{'; '.join(bad[:3])}")
+
+
+def read_params(path: str | os.PathLike, checksums: dict[str, str] | None = None) -> Any:
     """Reads a standalone params checkpoint (`checkpointing.save_params`) as numpy arrays.
 
     Args:
         path: the checkpoint directory (e.g. a train_reward workdir's `reward_model/`).
+        checksums: what `save_params` returned (reward_model.json's "checksums"); the arrays
+            must match it.
 
     Returns:
         The saved tree, numpy arrays.
@@ -98,5 +115,7 @@ def read_params(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     with ocp.PyTreeCheckpointer() as checkpointer:
         target, args = _host_target(checkpointer.metadata(path).item_metadata.tree)
-        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target,
-                                                                      restore_args=args))
+        params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target,
+                                                                        restore_args=args))
+    _verify(params, checksums or {}, path)
+    return params

@@ -6,16 +6,26 @@ coefficient, config hash, ...). Orbax commits a step atomically (a temporary dir
 on completion locally, a commit marker file on GCS), so a crash mid-save leaves the previous
 step as the latest one.
 
-Every process calls `save` on every step: orbax decides whether this step is saved and
-coordinates the hosts, and the preemption sync point only fires if it is polled each step.
+Every process calls `save` on every step: the save policy decides whether this step is saved,
+and the preemption sync point only fires if it is polled each step.
+
+Integrity: each saved state carries per-leaf checksums (`checkpoint_integrity`) in its meta,
+verified after every restore. `restore_latest` walks back from the newest step: a step that does
+not restore (a truncated data file, a broken `_METADATA`, a checksum mismatch) is logged with the
+file that failed and, once an older step restores, moved aside to `corrupt/<step>-<time>` (never
+deleted). When no step restores, one error lists every step and why.
+
+Readers (`sample`, `load_reward_model`) open checkpoints with `read_only=True`: nothing is
+created, cleaned up or moved, so a live run's in-progress save survives them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -25,10 +35,16 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from rlhf_jax import checkpoint_integrity as integrity
 from rlhf_jax import runtime
+from rlhf_jax.checkpoint_integrity import (  # noqa: F401 - part of this module's API
+    CheckpointCorruptError,
+    NoRestorableCheckpointError,
+)
 
 STATE = "state"
 META = "meta"
+CHECKSUMS_KEY = "_checksums"  # meta key holding the state's per-leaf digests
 _MISSING = "<missing>"
 
 
@@ -116,6 +132,7 @@ class Checkpointer:
         keep: int = 3,
         async_save: bool = True,
         keep_period: int | None = None,
+        read_only: bool = False,
     ):
         """Opens (creating if needed) the checkpoint directory.
 
@@ -127,9 +144,24 @@ class Checkpointer:
                 next steps run while the checkpoint is written.
             keep_period: If set, also keep every step divisible by it (a sparse permanent
                 series for later evaluation).
+            read_only: Open for reading only: create nothing, clean up no temporary directory
+                of a save in progress, move nothing aside. `save_every` is then ignored.
         """
         if save_every <= 0:
-            raise ValueError(f"save_every must be positive, got {save_every}")
+            raise ValueError(f"save_every (the config's ckpt_every) must be >= 1, got {save_every}")
+        self.directory = _as_path(directory)
+        self.read_only = read_only
+        self._closed = False
+        if read_only:
+            if not self.directory.exists():
+                raise FileNotFoundError(f"{self.directory}: no checkpoint directory")
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   cleanup_tmp_directories=False,
+                                                   save_interval_steps=0)
+            with integrity.quiet_read_only_notice():
+                self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, META),
+                                                      options=options)
+            return
         preserve: ocm.PreservationPolicy = ocm.LatestN(keep)
         if keep_period:
             preserve = ocm.AnyPreservationPolicy([preserve, ocm.EveryNSteps(keep_period)])
@@ -143,8 +175,6 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self.directory = _as_path(directory)
-        self._closed = False
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=(STATE, META), options=options
         )
@@ -165,7 +195,12 @@ class Checkpointer:
         """
         return self._manager.reached_preemption(step)
 
-    def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
+    def should_save(self, step: int) -> bool:
+        """Whether the policy saves `step` (interval or preemption); polls the preemption point."""
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False,
+             before_write: Callable[[], None] | None = None) -> bool:
         """Saves `state` and `meta` at `step` if the policy (or `force`) says so.
 
         Call it on every process after every step. With `async_save` it returns once arrays
@@ -178,16 +213,26 @@ class Checkpointer:
             meta: JSON-serializable dict (numpy scalars are converted).
             force: Save even off the interval (final step, SIGTERM). A step that is already
                 saved is not written again.
+            before_write: Called only when this step is written, before anything is: the
+                trainers' non-finite check, which raises to keep a bad state off disk.
 
         Returns:
             Whether a save was started.
         """
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} is opened read-only")
         if force and step in self._manager.all_steps():
             return False  # Already saved by the interval; orbax would raise on a duplicate.
+        if not force and not self.should_save(step):
+            return False
+        if before_write is not None:
+            before_write()
+        meta = _jsonable(dict(meta)) | {CHECKSUMS_KEY: integrity.tree_checksums(state)}
         args = ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(_jsonable(dict(meta)))}
+            **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
         )
-        saved = self._manager.save(step, args=args, force=force)
+        # The decision is made above; orbax must not second-guess it (it would poll again).
+        saved = self._manager.save(step, args=args, force=True)
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         if self.reached_preemption(step):
@@ -197,7 +242,7 @@ class Checkpointer:
         return saved
 
     def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, dict]:
-        """Loads `(state, meta)` from `step` (default: the latest).
+        """Loads and verifies `(state, meta)` from `step` (default: the latest).
 
         Args:
             step: Step to load; None for the latest.
@@ -212,6 +257,8 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: If there is no checkpoint (at `step`).
+            CheckpointCorruptError: If the step's files do not restore or its arrays do not
+                match their saved checksums; the message names the step and the file.
         """
         if step is None:
             step = self.latest_step()
@@ -219,12 +266,54 @@ class Checkpointer:
                 raise FileNotFoundError(f"no checkpoint in {self.directory}")
         elif step not in self._manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}")
+        step_dir = self.directory / str(step)
+        integrity.check_json_files(step, step_dir, (STATE + "/_METADATA", META + "/metadata"))
+        integrity.quiet_orbax_leftovers()
         args = ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
         )
-        restored = self._manager.restore(step, args=args)
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
+            gc.collect()  # the abandoned reads' coroutines go now, not at interpreter exit
+            why = integrity.describe_error(err, step_dir)
+            raise CheckpointCorruptError(f"step {step}: {why}") from err
+        state, meta = restored[STATE], dict(restored[META])
+        saved = meta.pop(CHECKSUMS_KEY, None)
+        if not saved:
+            logging.warning("checkpoint: step %d in %s has no checksums (written by an older "
+                            "version); its arrays are not verified", step, self.directory)
+        else:
+            bad = integrity.mismatches(state, saved)
+            if bad:
+                raise CheckpointCorruptError(
+                    f"step {step}: {step_dir / STATE}: {len(bad)} arrays differ from what was "
+                    f"saved (checksum mismatch): {'; '.join(bad[:3])}")
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
-        return restored[STATE], dict(restored[META])
+        return state, meta
+
+    def restore_latest(self, abstract_state: Any = None) -> tuple[int, Any, dict] | None:
+        """Restores the newest step that restores and verifies, walking back past broken ones.
+
+        Each step that fails is logged with its file. Once an older step restores, the newer
+        broken ones are moved to `{directory}/corrupt/<step>-<UTC time>` (unless read-only), so
+        the run continues from the good step and saves over none of them.
+
+        Args:
+            abstract_state: As in `restore`.
+
+        Returns:
+            (step, state, meta), or None when there is no checkpoint at all.
+
+        Raises:
+            NoRestorableCheckpointError: When steps exist but none restores; it lists every
+                step with its error, and nothing is moved.
+        """
+        return integrity.restore_latest(self, abstract_state)
+
+    def reload(self) -> None:
+        """Re-reads the list of steps (after steps were moved aside)."""
+        self._manager.reload()
 
     def wait_until_finished(self) -> None:
         """Blocks until background saves are committed; call before exiting."""
@@ -233,13 +322,18 @@ class Checkpointer:
     @contextlib.contextmanager
     def commit_on_error(self) -> Iterator[Checkpointer]:
         """Wraps a training loop: if it raises (a non-finite loss, Ctrl-C, an OOM), the saves
-        already started are committed before the error propagates, so the run directory keeps
-        its last good step. The manager stays open on normal exit.
+        already started are committed and the manager is closed before the error propagates,
+        so the run directory keeps its last good step and no orbax thread outlives the error.
+        The manager stays open on normal exit and on SystemExit (a requested stop closes it
+        itself).
         """
         try:
             yield self
-        except BaseException:
+        except SystemExit:
             self.wait_until_finished()
+            raise
+        except BaseException:
+            self.close()
             raise
 
     def close(self) -> None:
@@ -257,7 +351,7 @@ class Checkpointer:
         self.close()
 
 
-def save_params(path: str | os.PathLike, params: Any) -> None:
+def save_params(path: str | os.PathLike, params: Any) -> dict[str, str]:
     """Writes one pytree (e.g. a finished model's params) as a standalone checkpoint.
 
     Blocks until the write is committed. An existing checkpoint at `path` is replaced, so a
@@ -266,22 +360,47 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     Args:
         path: Checkpoint directory, local or `gs://`.
         params: Pytree of (sharded) jax arrays.
+
+    Returns:
+        The per-leaf checksums of `params`, to store beside it and pass to `load_params`.
     """
+    digests = integrity.tree_checksums(params)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(_as_path(path), params, force=True)
         checkpointer.wait_until_finished()
+    return digests
 
 
-def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
+def load_params(path: str | os.PathLike, abstract_params: Any = None,
+                checksums: Mapping[str, str] | None = None) -> Any:
     """Reads a checkpoint written by `save_params`, straight into the target shardings.
+
+    Reading creates and removes nothing.
 
     Args:
         path: Checkpoint directory.
         abstract_params: Target tree of ShapeDtypeStructs with `.sharding` (see
             `abstract_state`); None returns the saved structure as is.
+        checksums: What `save_params` returned; the restored arrays must match it.
 
     Returns:
         The restored pytree.
+
+    Raises:
+        CheckpointCorruptError: naming the file when the checkpoint does not restore or
+            does not match `checksums`.
     """
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(_as_path(path), abstract_params)
+    path = _as_path(path)
+    integrity.check_json_files(None, path, ("_METADATA",))
+    integrity.quiet_orbax_leftovers()
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(path, abstract_params)
+    except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
+        gc.collect()
+        raise CheckpointCorruptError(f"{integrity.describe_error(err, path)}") from err
+    bad = integrity.mismatches(params, checksums) if checksums else []
+    if bad:
+        raise CheckpointCorruptError(f"{path}: {len(bad)} arrays differ from what was saved "
+                                     f"(checksum mismatch): {'; '.join(bad[:3])}")
+    return params

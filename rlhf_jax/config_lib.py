@@ -289,6 +289,10 @@ def runtime_config(config: ml_collections.ConfigDict) -> None:
     # Stop (checkpoint, exit 3) after this many iterations of one process; 0 = run to the end.
     # For time-sliced jobs; the same command resumes.
     config.stop_after = 0
+    # A resume refuses a config that differs from the workdir's record in any field that changes
+    # the run's meaning (runs/record.py lists the fields that may change); True resumes anyway
+    # and records the change in config_history.jsonl.
+    config.allow_config_change = False
 
 
 def tiny_overrides(config: ml_collections.ConfigDict) -> None:

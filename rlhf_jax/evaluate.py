@@ -31,6 +31,7 @@ from absl import app, flags
 
 from rlhf_jax import runtime, summary_metrics
 from rlhf_jax.data import sources
+from rlhf_jax.runs import validation
 
 FIELDS = ("query", "response")
 
@@ -50,14 +51,15 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
         {"query": [...], "response": [...], "reference": [...] or None}.
 
     Raises:
-        SamplesError: naming file and line for malformed JSON, a non-object row, a missing or
-            non-string field, a "reference" on some rows only, a missing "step" when `step` is
-            given, or no rows at all.
+        SamplesError: naming file and line for bytes that are not UTF-8, malformed JSON, a
+            non-object row, a missing or non-string field, a "reference" on some rows only, a
+            missing "step" when `step` is given, or no rows at all.
     """
     out: dict[str, list[str]] = {"query": [], "response": [], "reference": []}
     first_ref_line = first_plain_line = None
-    with open(path, encoding="utf-8") as f:
-        for lineno, where, row in sources.json_objects(f, path, SamplesError):
+    with open(path, "rb") as f:
+        lines = sources.utf8_lines(f, path, SamplesError)
+        for lineno, where, row in sources.json_objects(lines, path, SamplesError):
             for field in FIELDS + (("reference",) if "reference" in row else ()):
                 if field not in row:
                     raise SamplesError(f"{where}: missing field {field!r}; has {sorted(row)}")
@@ -185,6 +187,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    validation.check_output_file(FLAGS.output)
+    if FLAGS.plot:
+        validation.check_output_file(FLAGS.plot, "plot")
     report = evaluate_samples(FLAGS.samples, FLAGS.output, FLAGS.plot, FLAGS.step, FLAGS.lead3)
     brief = {k: report[k] for k in ("n", "mean_words", "copy_from_start_rate")}
     brief |= {"novelty": report["novelty"], "rouge": report.get("rouge")}

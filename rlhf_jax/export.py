@@ -37,6 +37,7 @@ import ml_collections
 from absl import flags
 
 from rlhf_jax import checkpoint_reader, cli, experiment, models, runtime
+from rlhf_jax.runs import record
 from rlhf_jax.models import hf_import
 from rlhf_jax.tokenizer import get_tokenizer
 
@@ -74,13 +75,14 @@ def read_run(workdir: str, step: int | None = None) -> dict:
     """
     if not os.path.isdir(workdir):
         raise ExportError(f"--workdir {workdir}: no such directory")
-    config_path = os.path.join(workdir, "config.json")
-    config = (ml_collections.ConfigDict(_read_json(config_path))
-              if os.path.exists(config_path) else None)
+    # The config the run last ran with (config_history.jsonl, else config.json).
+    recorded = record.recorded_config(workdir)
+    config = ml_collections.ConfigDict(recorded) if recorded is not None else None
     reward_meta = os.path.join(workdir, REWARD_META)
     if step is None and os.path.exists(reward_meta):
         meta = _read_json(reward_meta)
-        params = checkpoint_reader.read_params(os.path.join(workdir, REWARD_DIR))
+        params = checkpoint_reader.read_params(os.path.join(workdir, REWARD_DIR),
+                                               meta.get("checksums"))
         return {"kind": "reward", "step": None, "params": params, "config": config,
                 "gpt2_config": models.GPT2Config(**meta["gpt2_config"]),
                 "task_spec": meta.get("task_spec")}

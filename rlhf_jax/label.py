@@ -46,6 +46,7 @@ from rlhf_jax import (
 )
 from rlhf_jax.data import labels as labels_lib
 from rlhf_jax.data import summarization, tasks
+from rlhf_jax.runs import validation
 
 logger = logging.getLogger(__name__)
 
@@ -154,20 +155,20 @@ def write_mock_labels(config: ml_collections.ConfigDict, output: str, num_labels
         with "resample"; shown with "keep") and how many queries were dropped.
 
     Raises:
-        ValueError: on a bad `labeler.invalid_samples`, or when a whole batch of queries got no
-            N valid samples (the model almost never emits the truncation token).
+        validation.ConfigError: before any sampling, for a bad config value (including
+            `labeler.invalid_samples`), a negative `num_labels` or an output directory that is
+            missing or not writable.
+        ValueError: when a whole batch of queries got no N valid samples (the model almost
+            never emits the truncation token).
     """
+    validation.check_flag_count("num_labels", num_labels, 0)
+    validation.check_output_file(output)
+    mesh, rules = validation.validate_with_mesh(config, ("model", "task", "labeler"))
     label_type = label_types.get_label_type(config.labels.type)
-    if not isinstance(label_type, label_types.BestOfN):
-        raise ValueError(f"labels.type={config.labels.type!r}: mock labelers write best_of_N labels")
     num_labels = num_labels or config.labels.num_train + config.labels.num_valid
     lab = config.labeler
     mode = lab.get("invalid_samples", "resample")
-    if mode not in INVALID_SAMPLES:
-        raise ValueError(f"labeler.invalid_samples={mode!r}: expected one of {INVALID_SAMPLES}")
     rounds = lab.get("resample_rounds", 8) if mode == "resample" else 0
-    mesh, rules = experiment.mesh_and_rules(config)
-    sharding.check_batch_divisible("labeler.rollout_batch_size", lab.rollout_batch_size, mesh)
     gpt_cfg = experiment.gpt2_config(config)
     tok = experiment.tokenizer(config)
     spec = experiment.task_spec(config, tok, gpt_cfg)

@@ -5,7 +5,8 @@ reference log-probs, the frozen reward model's score of the truncated response w
 for responses without a stop token, and the KL-penalised per-token rewards.
 
 `update(...)`: `noptepochs` x `nminibatches` Adam steps on the PPO loss, as one jitted function
-with explicit shardings and a donated train state. Minibatch permutations come from keys folded
+with explicit shardings and a donated train state. It also returns the iteration's non-finite
+flags (`runs.nonfinite`): any minibatch's loss or gradient norm, and the updated parameters. Minibatch permutations come from keys folded
 with (iteration, epoch), different every iteration. Frozen reference and reward params are
 arguments, never closed-over constants.
 """
@@ -22,6 +23,7 @@ import optax
 
 from rlhf_jax import models, networks, optim, ppo, sampling, sharding
 from rlhf_jax.data import tasks
+from rlhf_jax.runs import nonfinite
 
 Array = jax.Array
 
@@ -121,7 +123,7 @@ class PPOFunctions:
         self.update = jax.jit(
             update_fn,
             in_shardings=(state_sharding, None, repl),
-            out_shardings=(state_sharding, repl),
+            out_shardings=(state_sharding, repl, repl),
             donate_argnums=(0,),
         )
 
@@ -180,22 +182,24 @@ class PPOFunctions:
             params, opt_state = carry
             mb = jax.tree.map(lambda x: x[idx], data)
             mb = jax.lax.with_sharding_constraint(mb, self._batch)
-            (_, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(params, mb)
+            (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(params, mb)
             updates, opt_state = self.tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), stats
+            flags = nonfinite.step_flags(loss, grads)
+            return (optax.apply_updates(params, updates), opt_state), (stats, flags)
 
         def epoch(carry, e):
             idx = grouped_permutation(jax.random.fold_in(rng, e), s.batch_size,
                                       s.whiten_groups, s.nminibatches)
             return jax.lax.scan(minibatch_step, carry, idx)
 
-        (params, opt_state), stats = jax.lax.scan(
+        (params, opt_state), (stats, flags) = jax.lax.scan(
             epoch, (state["params"], state["opt_state"]), jnp.arange(s.noptepochs))
         # Averaged over epochs and minibatches, as the original's record_step_stats.
         stats = jax.tree.map(jnp.mean, stats)
         stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / stats["ppo/returns/var"]
         new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
-        return new_state, stats
+        flags = nonfinite.any_flags(flags) | nonfinite.step_flags(params=params)
+        return new_state, stats, flags
 
 
 @dataclasses.dataclass

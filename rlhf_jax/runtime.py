@@ -39,6 +39,7 @@ LOG_FILE_NAME = "train.log"
 EXIT_STOPPED = 3
 
 _distributed_lock = threading.Lock()
+_umask_lock = threading.Lock()
 _distributed_done = False
 _file_handler: logging.Handler | None = None
 _active_stops: weakref.WeakSet[StopSignal] = weakref.WeakSet()
@@ -128,8 +129,11 @@ def setup_logging(workdir: str | os.PathLike | None = None, *, level: str = "inf
 
     Idempotent: calling it again (a second run in the same test process) replaces the file
     handler rather than adding another. The file is `{workdir}/train.log`, appended to, so the
-    attempts of a resumed run stay in one file. For `gs://` workdirs no file is written: an
-    object cannot be appended to, and the launcher already captures stderr on each worker.
+    attempts of a resumed run stay in one file. It is opened only once the trainer has created
+    the workdir (after the config is validated); lines logged before are kept in memory and
+    written first, and a start-up that fails validation leaves no directory behind. For `gs://`
+    workdirs no file is written: an object cannot be appended to, and the launcher already
+    captures stderr on each worker.
 
     Args:
         workdir: Run directory, or None for stderr only.
@@ -151,11 +155,39 @@ def setup_logging(workdir: str | os.PathLike | None = None, *, level: str = "inf
         _file_handler = None
     if workdir is None or not _is_local(workdir) or not is_primary():
         return
-    os.makedirs(workdir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(os.fspath(workdir), LOG_FILE_NAME), "a", "utf-8")
+    handler = _WorkdirLogHandler(os.fspath(workdir))
     handler.setFormatter(absl_logging.PythonFormatter())
     root.addHandler(handler)
     _file_handler = handler
+
+
+class _WorkdirLogHandler(logging.Handler):
+    """Appends to `{workdir}/train.log` once the workdir exists; holds records until then."""
+
+    _MAX_HELD = 10_000
+
+    def __init__(self, workdir: str):
+        super().__init__()
+        self._workdir, self._held, self._file = workdir, [], None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is None:
+            if not os.path.isdir(self._workdir):
+                if len(self._held) < self._MAX_HELD:
+                    self._held.append(record)
+                return
+            self._file = logging.FileHandler(os.path.join(self._workdir, LOG_FILE_NAME), "a",
+                                             "utf-8")
+            self._file.setFormatter(self.formatter)
+            for held in self._held:
+                self._file.emit(held)
+            self._held = []
+        self._file.emit(record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        super().close()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -179,8 +211,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        # mkstemp creates the file 0600; give it the usual 0644 so others can read run files.
-        os.fchmod(fd, 0o644)
+        # mkstemp creates the file 0600; give it the mode open() would, under the user's umask.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -191,6 +223,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting and restoring."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _umask_lock:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Gives a file or directory the mode `open`/`os.makedirs` would have, under the umask.
+
+    For what libraries create private (0600/0700): `tempfile.mkdtemp`, safetensors' writer.
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -4,8 +4,10 @@ r"""Sample continuations from a trained policy (or the base model) and write the
   python -m rlhf_jax.sample --config configs/sentiment.py --output base.jsonl   # base model
   python -m rlhf_jax.sample --workdir runs/sentiment --queries my_texts.txt --num_samples 4
 
-With `--workdir`, the run's `config.json` and its latest checkpoint give the policy; with
-`--config` only, the initial model of that config is sampled (the "zero-shot" baseline). Queries
+With `--workdir`, the run's recorded config (the last line of `config_history.jsonl`, else
+`config.json`) and its newest checkpoint that restores give the policy. The workdir is only
+read: no directory is created, no temporary directory of a save in progress is cleaned up, and
+nothing is moved, so sampling a live run is safe. With `--config` only, the initial model of that config is sampled (the "zero-shot" baseline). Queries
 come from `--queries` (a text file, one passage per line, or JSONL) or else from the task's
 query dataset (`--split test` by default), formatted exactly as in training (start/end trimming,
 padding, prefix and suffix). Each response is post-processed as in training (cut after the
@@ -36,27 +38,29 @@ from ml_collections import config_flags
 
 from rlhf_jax import checkpointing, cli, experiment, labelers, runtime, sampling, sharding
 from rlhf_jax.data import sources, summarization, tasks
+from rlhf_jax.runs import record, validation
 
 logger = logging.getLogger(__name__)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a train_policy run wrote to `{workdir}/config.json`."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not found; --workdir must be a train_policy run")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    """The config a run in `workdir` last ran with (see `runs.record.load_run_config`)."""
+    return record.load_run_config(workdir)
 
 
 def load_policy(workdir: str):
-    """Policy params from the latest checkpoint of a train_policy workdir."""
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to sample from")
-    state, _ = ckpt.restore(step)
-    ckpt.close()
+    """Policy params from the newest good checkpoint of a train_policy workdir, read-only."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) and "://" not in workdir:
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoints to sample from")
+    with checkpointing.Checkpointer(ckpt_dir, save_every=1, read_only=True) as ckpt:
+        found = ckpt.restore_latest()
+    if found is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to sample from")
+    step, state, _ = found
+    if "policy" not in state.get("params", {}):
+        raise ValueError(f"{ckpt_dir}: step {step} holds no policy; --workdir must be a "
+                         "train_policy run")
     logger.info("sampling the policy of %s at iteration %d", workdir, step)
     return state["params"]["policy"], step
 
@@ -132,11 +136,19 @@ def main(argv):
     del argv
     runtime.setup_logging()
     f = flags.FLAGS
+    validation.check_output_file(f.output)
+    for name, minimum in (("num_queries", 1), ("num_samples", 1), ("top_k", 0)):
+        validation.check_flag_count(name, getattr(f, name), minimum)
+    if not 0.0 < f.top_p <= 1.0:
+        raise validation.ConfigError(f"--top_p={f.top_p}: must be in (0, 1]")
+    if f.temperature is not None and not f.temperature > 0:
+        raise validation.ConfigError(f"--temperature={f.temperature}: must be > 0")
     if f.workdir:
         config = load_run_config(f.workdir)
         params, _ = load_policy(f.workdir)
     elif f.config is not None:
         config = f.config
+        validation.validate(config, ("model", "task"))
         gpt_cfg = experiment.gpt2_config(config)
         params = {"transformer": experiment.initial_trunk(config, gpt_cfg)}
     else:

@@ -9,14 +9,16 @@ settings must equal the policy's. Each iteration: rollout (sample, reference log
 with penalty, KL-penalised rewards), then `noptepochs` x `nminibatches` PPO steps, then the
 KL controller update (after the update, fed the batch's sampling-time KL, spec §10.10).
 
-The same command on the same workdir resumes. Resume order: (1) the latest checkpoint in
-`{workdir}/checkpoints`; (2) otherwise the initial model of `config.model` (policy, with a
-zero value head, and reference), the reward model from (1) or (2) above. SIGTERM writes a
-checkpoint and exits with status 3 ("stopped, resumable"); a non-finite loss stops the run
-before anything is saved, so the last good checkpoint stays intact.
+The same command on the same workdir resumes, after checking the config against the workdir's
+record (`config.json`, `config_history.jsonl`; see `rlhf_jax.runs.record`). Resume order: (1)
+the newest checkpoint in `{workdir}/checkpoints` that restores (broken newer ones are moved to
+`checkpoints/corrupt/`); (2) otherwise the initial model of `config.model` (policy, with a zero
+value head, and reference), the reward model from (1) or (2) above. SIGTERM writes a checkpoint
+and exits with status 3 ("stopped, resumable"); a non-finite loss, gradient, parameter or score
+stops the run before it is saved, so the last good checkpoint stays intact.
 
 Outputs: `metrics.jsonl` (the original's metric names), TensorBoard events, `samples.jsonl`,
-`config.json`, `plot.png` and orbax checkpoints.
+`config.json`, `config_history.jsonl`, `plot.png` and orbax checkpoints.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -47,14 +48,15 @@ from rlhf_jax import (
     sharding,
     train_reward,
 )
+from rlhf_jax.runs import loop, nonfinite, validation
 
 logger = logging.getLogger(__name__)
 
 EXIT_STOPPED = runtime.EXIT_STOPPED
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A PPO iteration produced a NaN or infinite loss or score."""
+# One exception type for every trainer's non-finite stop; the old name stays importable.
+NonFiniteLossError = nonfinite.NonFiniteError
+SECTIONS = ("runtime", "model", "task", "ppo", "rewards")  # validated at start-up
+IGNORED_SECTIONS = ("sft", "labeler")  # not read by PPO
 
 
 def _kl_settings(p: ml_collections.ConfigDict) -> dict:
@@ -74,73 +76,63 @@ def reward_model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs PPO to `ppo.total_episodes`; returns the last iteration's metrics."""
     p = config.ppo
-    mesh, rules = experiment.mesh_and_rules(config)
-    ppo_trainer.check_ppo_config(p, mesh)
+    mesh, rules = validation.validate_with_mesh(config, SECTIONS)
+    validation.check_reward_source(config)
     settings = ppo_trainer.PPOSettings.from_config(p)
-    if config.rewards.trained_model and not os.path.isdir(config.rewards.trained_model):
-        raise FileNotFoundError(
-            f"rewards.trained_model={config.rewards.trained_model!r} does not exist")
     gpt_cfg = experiment.gpt2_config(config)
     tok = experiment.tokenizer(config)
     spec = experiment.task_spec(config, tok, gpt_cfg)
     dataset = experiment.query_dataset(config, tok, spec)
-    experiment.ensure_workdir(workdir)
-
-    rm_params, rm_cfg, rm_meta = train_reward.load_reward_model(
+    # Refuses a resume with another config before the reward stage or anything else runs.
+    run = loop.TrainRun(config, workdir, trainer="train_policy", ignore_sections=IGNORED_SECTIONS)
+    # The reward stage is a run of its own (in {workdir}/reward) with its own start-up checks.
+    rm_params, rm_cfg, _ = train_reward.load_reward_model(
         reward_model_dir(config, workdir), mesh, rules, expected_spec=spec)
-    num_updates = math.ceil(p.total_episodes / p.batch_size)
-    tx = ppo_trainer.make_optimizer(p, num_updates)
-    layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
-    heads, repl = layout.heads, sharding.replicated(mesh)
-    to_rollout = layout.to_rollout()
-    fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
-    throughput = flops.Throughput(
-        flops.ppo_config_flops(gpt_cfg, p, spec, rm_cfg)["total"],
-        flops.ppo_iteration_tokens(p.batch_size, spec.context_length, spec.response_length),
-        jax.devices()[0].device_kind, mesh.size, config.model.dtype)
+    with run.starting():  # a failed start in a new workdir leaves none behind
+        num_updates = math.ceil(p.total_episodes / p.batch_size)
+        tx = ppo_trainer.make_optimizer(p, num_updates)
+        layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
+        heads, repl = layout.heads, sharding.replicated(mesh)
+        to_rollout = layout.to_rollout()
+        fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
+        throughput = flops.Throughput(
+            flops.ppo_config_flops(gpt_cfg, p, spec, rm_cfg)["total"],
+            flops.ppo_iteration_tokens(p.batch_size, spec.context_length,
+                                       spec.response_length),
+            jax.devices()[0].device_kind, mesh.size, config.model.dtype)
 
-    rng_init, rng_sample, rng_shuffle = jax.random.split(jax.random.key(config.seed), 3)
-    trunk = experiment.initial_trunk(config, gpt_cfg)
-    ref_params = jax.device_put({"transformer": trunk}, layout.ref)
+        rng_init, rng_sample, rng_shuffle = jax.random.split(jax.random.key(config.seed), 3)
+        trunk = experiment.initial_trunk(config, gpt_cfg)
+        ref_params = jax.device_put({"transformer": trunk}, layout.ref)
 
-    def fresh_state():
-        trainable = {"policy": experiment.with_heads(trunk, gpt_cfg, heads, rng_init)}
-        if settings.separate_value:
-            trainable["value"] = ppo_trainer.value_params_from_reward(rm_params)
-        with sharding.mesh_context(mesh, rules):
-            trainable = jax.device_put(trainable, layout.trainable)
-            opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(trainable)
-        return {"params": trainable, "opt_state": opt_state,
-                "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
-                "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}
+        def fresh_state():
+            trainable = {"policy": experiment.with_heads(trunk, gpt_cfg, heads, rng_init)}
+            if settings.separate_value:
+                trainable["value"] = ppo_trainer.value_params_from_reward(rm_params)
+            with sharding.mesh_context(mesh, rules):
+                trainable = jax.device_put(trainable, layout.trainable)
+                opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(trainable)
+            return {"params": trainable, "opt_state": opt_state,
+                    "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+                    "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}
 
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      save_every=config.ckpt_every, keep=config.ckpt_keep)
-    latest = ckpt.latest_step()
-    run_meta = {"gpt2_config": dict(vars(gpt_cfg)), "task_spec": experiment.spec_dict(spec),
-                "value_model": p.value_model}
-    if latest is not None:  # (1) resume
-        abstract = checkpointing.abstract_state(layout.abstract_state, layout.state)
-        state, meta = ckpt.restore(latest, abstract)
-        checkpointing.check_compatible(meta, run_meta, list(run_meta))
-        logger.info("resumed from iteration %d", latest)
-        last_stats = meta.get("final", {})  # a finished run returns its final metrics again
-    else:  # (2) the initial model
-        state = fresh_state()
-        last_stats = {}
-    # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
-    writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
-                                      resume_step=-1 if latest is None else latest, config=config)
-    if runtime.is_primary():
-        writer.write_json("config.json", config.to_dict())
+        run.open(save_every=config.ckpt_every, keep=config.ckpt_keep)
+        run_meta = {"gpt2_config": dict(vars(gpt_cfg)),
+                    "task_spec": experiment.spec_dict(spec), "value_model": p.value_model}
+        restored = run.restore(checkpointing.abstract_state(layout.abstract_state,
+                                                            layout.state))
+        if restored is not None:  # (1) resume
+            state, meta = restored
+            checkpointing.check_compatible(meta, run_meta, list(run_meta))
+            last = meta.get("final", {})  # a finished run returns its final metrics again
+        else:  # (2) the initial model
+            state, last = fresh_state(), {}
 
     start = int(state["step"])
     progress = metrics_lib.Progress(num_updates, start=start, desc="train_policy",
                                     items_per_step={"episodes": p.batch_size})
     t_start = time.time()
-    last = last_stats
-    with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
-          sharding.mesh_context(mesh, rules)):
+    with run.loop(start, sharding.mesh_context(mesh, rules)):
         for it in range(start, num_updates):
             t0 = time.time()
             local = dataset.get_batch(it, p.batch_size, process_index=jax.process_index(),
@@ -151,18 +143,19 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
             data, stats, extras = fns.rollout(policy, value_params, ref_params, rm_params,
                                               queries, state["kl_coef"],
                                               jax.random.fold_in(rng_sample, it))
-            state, train_stats = fns.update(state, data, jax.random.fold_in(rng_shuffle, it))
+            state, train_stats, flags = fns.update(state, data,
+                                                   jax.random.fold_in(rng_shuffle, it))
+            done = it + 1
             stats = {k: float(v) for k, v in jax.device_get({**stats, **train_stats}).items()}
-            bad = [k for k in ("ppo/loss/total", "objective/score") if not np.isfinite(stats[k])]
-            if bad:
-                raise NonFiniteLossError(
-                    f"iteration {it}: non-finite {', '.join(bad)} ({stats}); stopping without "
-                    f"saving, the last good checkpoint in {workdir}/checkpoints is intact")
+            # Every stat is on the host already, so the iteration is checked at once.
+            run.check(done, flags)
+            run.guard.flush()
+            run.guard.check_values(done, {k: stats[k] for k in ("objective/score",
+                                                                 "objective/kl")})
             # Adaptive KL: updated after the PPO epochs with the batch's sampling-time KL.
             new_coef = kl_control.update_kl_coef(stats["objective/kl_coef"], stats["objective/kl"],
                                                  p.batch_size, **_kl_settings(p))
             state["kl_coef"] = jax.device_put(jnp.float32(new_coef), repl)
-            done = it + 1
             stats |= {"elapsed/updates": done, "elapsed/episodes": done * p.batch_size,
                       "elapsed/steps/serial": done * spec.response_length,
                       "elapsed/steps/total": done * p.batch_size * spec.response_length,
@@ -170,27 +163,19 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "elapsed/time": time.time() - t_start} | throughput(time.time() - t0)
             last = stats
             if done % config.log_every == 0 or done == num_updates:
-                writer.write(done, stats)
-                writer.write_samples(done, _sample_rows(tok, extras, spec, config, p.kl.coef))
+                run.log(done, stats)
+                run.writer.write_samples(done, _sample_rows(tok, extras, spec, config, p.kl.coef))
                 progress.update(done, score=stats["objective/score"], kl=stats["objective/kl"])
-            if config.stop_after and done - start >= config.stop_after:
-                stop.request(f"stop_after={config.stop_after}")
             final = {"final": stats} if done == num_updates else {}
-            ckpt.save(done, state, run_meta | final, force=stop.requested or done == num_updates)
-            if stop.requested:
-                ckpt.wait_until_finished()
-                logger.warning("stopped at iteration %d on %s; rerun to resume", done, stop.reason)
-                ckpt.close()
-                writer.close()
-                raise SystemExit(EXIT_STOPPED)
-    ckpt.close()
-    writer.close()
+            run.save(done, state, run_meta | final, force=done == num_updates, total=num_updates)
+            if done < num_updates:
+                run.exit_if_stopped(done)
+    run.close()
     if runtime.is_primary():
         metrics_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
                                  os.path.join(workdir, "plot.png"), x="elapsed/episodes",
                                  ys=("objective/score", "objective/kl", "objective/kl_coef"),
                                  title=f"PPO {os.path.basename(os.path.normpath(workdir))}")
-    del rm_meta
     return last
 
 
@@ -214,6 +199,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    validation.check_workdir(FLAGS.workdir)
     runtime.maybe_initialize_distributed()
     runtime.setup_logging(FLAGS.workdir)
     train_policy(FLAGS.config, FLAGS.workdir)

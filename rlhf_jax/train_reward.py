@@ -13,20 +13,22 @@ Stages, as the original `RewardModelTrainer.train`:
 4. verify on fresh ρ samples that rewards have mean 0 and std 1 (logged), and report held-out
    label accuracy.
 
-The workdir gets `config.json`, `metrics.jsonl`, TensorBoard events (`tb/`), orbax checkpoints
+The workdir gets `config.json` and `config_history.jsonl` (the run record, see
+`rlhf_jax.runs.record`), `metrics.jsonl`, TensorBoard events (`tb/`), orbax checkpoints
 (`checkpoints/`, resumable) and the final model (`reward_model/`, loaded by train_policy).
 
-Resume order: (1) the latest checkpoint in the workdir; (2) otherwise the initial model of
-`config.model` plus a fresh reward head.
+Resume order: (1) the newest checkpoint in the workdir that restores; (2) otherwise the initial
+model of `config.model` plus a fresh reward head. A non-finite loss, gradient or parameter stops
+the run before the next save (`rlhf_jax.runs.nonfinite`). `train_reward(...)` is also the entry
+of train_policy's reward stage and of one reward-model round of an online run, with the same
+checks.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import os
 import time
 
 import jax
@@ -44,7 +46,6 @@ from rlhf_jax import (
     experiment,
     flops,
     label_types,
-    metrics as metrics_lib,
     models,
     networks,
     optim,
@@ -53,46 +54,49 @@ from rlhf_jax import (
     sampling,
     sharding,
 )
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.data import labels as labels_lib
 from rlhf_jax.data import tasks
+from rlhf_jax.reward_store import (  # noqa: F401 - the reward model's on-disk API, re-exported
+    REWARD_MODEL_DIR,
+    REWARD_MODEL_META,
+    load_reward_model,
+    save_reward_model,
+)
+from rlhf_jax.runs import loop, nonfinite, validation
 
 logger = logging.getLogger(__name__)
 
-REWARD_MODEL_DIR = "reward_model"
-REWARD_MODEL_META = "reward_model.json"
+SECTIONS = ("runtime", "model", "task", "rewards")  # validated at start-up
+IGNORED_SECTIONS = ("ppo", "sft", "labeler")  # not read: changing them does not block a resume
 
 
 class RewardSetup:
-    """Everything a reward run (or train_policy's reward stage) needs, validated up front."""
+    """Everything a reward run (or train_policy's reward stage) needs, validated up front.
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        r = config.rewards
+    Args:
+        config: the run config.
+        labels: the label arrays (an online run's labels so far); None reads `labels.path`.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, labels: dict | None = None):
         self.config = config
+        self.mesh, self.rules = validation.validate_with_mesh(config, SECTIONS)
         self.label_type = label_types.get_label_type(config.labels.type)
-        self.mesh, self.rules = experiment.mesh_and_rules(config)
-        for name, value in (("rewards.batch_size", r.batch_size),
-                            ("rewards.rollout_batch_size", r.rollout_batch_size)):
-            sharding.check_batch_divisible(name, value, self.mesh)
-        if config.labels.num_train % r.batch_size:
-            raise ValueError(
-                f"labels.num_train={config.labels.num_train} is not divisible by "
-                f"rewards.batch_size={r.batch_size} (one epoch uses every label exactly once)"
-            )
-        if not config.labels.path:
-            raise ValueError("labels.path is empty: give a label file (see `python -m rlhf_jax.label`)")
         self.gpt_cfg = experiment.gpt2_config(config)
         self.tok = experiment.tokenizer(config)
         self.spec = experiment.task_spec(config, self.tok, self.gpt_cfg)
-        labels = labels_lib.load_labels(
-            config.labels.path, self.label_type, query_length=self.spec.query_length,
-            response_length=self.spec.response_length, vocab_size=self.gpt_cfg.vocab_size,
-            pad_id=self.gpt_cfg.pad_id,
-        )
+        if labels is None:
+            validation.check_labels(config, need_path=True)
+            labels = labels_lib.load_labels(
+                config.labels.path, self.label_type, query_length=self.spec.query_length,
+                response_length=self.spec.response_length, vocab_size=self.gpt_cfg.vocab_size,
+                pad_id=self.gpt_cfg.pad_id)
         self.train_labels, self.valid_labels = labels_lib.split_labels(
             labels, config.labels.num_train, config.labels.num_valid or None
         )
         self.dataset = experiment.query_dataset(config, self.tok, self.spec)
-        self.num_steps = config.labels.num_train // r.batch_size
+        self.num_steps = config.labels.num_train // config.rewards.batch_size
 
 
 def _stack_samples(labels, label_type) -> dict[str, np.ndarray]:
@@ -138,7 +142,8 @@ class RewardTrainer:
         self.format_fn = jax.jit(functools.partial(tasks.format_context, spec=setup.spec),
                                  in_shardings=batch, out_shardings=batch)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, None),
-                                  out_shardings=(self.state_sharding, None), donate_argnums=(0,))
+                                  out_shardings=(self.state_sharding, None, None),
+                                  donate_argnums=(0,))
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_sharding, None))
 
     def abstract_state(self):
@@ -161,13 +166,15 @@ class RewardTrainer:
         return self.s.label_type.loss(rewards, batch["label"])
 
     def _train_step(self, state, batch):
-        (_, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
+        """One Adam step; returns (state, stats, non-finite flags of loss, grads, params)."""
+        (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         stats = {f"train/{k}": v for k, v in stats.items()}
         stats["train/lr"] = self.schedule(state["step"])
         stats["train/gain"] = params["reward_norm"]["gain"]
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+        flags = nonfinite.step_flags(loss, grads, params)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats, flags
 
     def _eval_step(self, params, batch):
         return self._loss(params, batch)[1]
@@ -192,14 +199,18 @@ class RewardTrainer:
                     self.score_fn(params, queries, resp["responses"]), tiled=True)))
         return np.concatenate(out)
 
-    def normalize(self, params, ref_trunk, target, num_samples, stream_offset, rng):
-        """Resets gain/bias, measures ρ rewards and fits gain/bias to `target` (mean, std)."""
+    def normalize(self, params, ref_trunk, target, num_samples, stream_offset, rng, check):
+        """Resets gain/bias, measures ρ rewards and fits gain/bias to `target` (mean, std).
+
+        `check(values)` sees the rewards' mean and std first (the non-finite rule).
+        """
         nb = reward_modeling.normalization_num_batches(
             num_samples, self.s.config.rewards.rollout_batch_size)
         params = _set_norm(params, 1.0, 0.0, self.param_sharding)
         rewards = self.ref_rewards(params, ref_trunk, nb, stream_offset, rng)
-        gain, bias = reward_modeling.fit_gain_bias(rewards, *target)
         stats = reward_modeling.reward_stats(rewards)
+        check({"normalization reward mean": stats["mean"], "normalization reward std": stats["std"]})
+        gain, bias = reward_modeling.fit_gain_bias(rewards, *target)
         return _set_norm(params, gain, bias, self.param_sharding), stats, (gain, bias)
 
     def evaluate(self, params, arrays) -> dict[str, float]:
@@ -224,65 +235,96 @@ def _set_norm(params, gain, bias, param_sharding):
     return params
 
 
-def save_reward_model(workdir: str, params, gpt_cfg: models.GPT2Config, spec: tasks.TaskSpec,
-                      label_type: str, extra: dict | None = None) -> str:
-    """Writes a final reward model (params only) and its metadata, as train_policy loads it."""
-    path = os.path.join(workdir, REWARD_MODEL_DIR)
-    checkpointing.save_params(path, params)
-    meta = {
-        "gpt2_config": dict(vars(gpt_cfg)),
-        "task_spec": experiment.spec_dict(spec),
-        "label_type": label_type,
-        **(extra or {}),
-    }
-    if runtime.is_primary():  # the params above are saved by every process (orbax needs all)
-        runtime.atomic_write_text(os.path.join(workdir, REWARD_MODEL_META),
-                                  json.dumps(meta, indent=2, sort_keys=True))
-    if jax.process_count() > 1:  # no process may load the model before the metadata exists
-        multihost_utils.sync_global_devices("save_reward_model")
-    return path
+def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
+                 labels: dict | None = None) -> dict:
+    """Trains, normalises and saves a reward model; returns the final metrics.
 
+    The same call on the same workdir resumes, and returns at once when the run is done.
 
-def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains, normalises and saves a reward model; returns the final metrics."""
-    setup = RewardSetup(config)  # every input is validated before any compute
-    experiment.ensure_workdir(workdir)
+    Args:
+        config: the run config (validated here before anything is built).
+        workdir: the run directory.
+        labels: label arrays to train on instead of reading `labels.path` (an online round).
+    """
+    setup = RewardSetup(config, labels)  # every input is validated before any compute
+    run = loop.TrainRun(config, workdir, trainer="train_reward", ignore_sections=IGNORED_SECTIONS)
     trainer = RewardTrainer(setup)
     r = config.rewards
     rng_init, rng_shuffle, rng_sample = jax.random.split(jax.random.key(config.seed), 3)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      save_every=config.ckpt_every, keep=config.ckpt_keep)
-    trunk = experiment.initial_trunk(config, setup.gpt_cfg)
-    ref_trunk = jax.device_put({"transformer": trunk}, trainer.trunk_sharding)
     nb = reward_modeling.normalization_num_batches(r.normalize_samples, r.rollout_batch_size)
-    latest = ckpt.latest_step()
-    # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
-    writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
-                                      resume_step=-1 if latest is None else latest, config=config)
-    writer.write_json("config.json", config.to_dict())
+    with run.starting():  # a failed start in a new workdir leaves none behind
+        run.open(save_every=config.ckpt_every, keep=config.ckpt_keep)
+        trunk = experiment.initial_trunk(config, setup.gpt_cfg)
+        ref_trunk = jax.device_put({"transformer": trunk}, trainer.trunk_sharding)
+        restored = run.restore(checkpointing.abstract_state(trainer.abstract_state(),
+                                                            trainer.state_sharding))
+        if restored is not None:  # (1) resume from the workdir
+            state, meta = restored
+            if meta.get("phase") == "done":
+                run.close()
+                return meta.get("final", {})
+        else:  # (2) the initial model plus a fresh reward head
+            state = _fresh_state(run, trainer, trunk, ref_trunk, rng_init, rng_sample)
+    state = _train_loop(run, trainer, state, rng_shuffle)
 
-    if latest is not None:  # (1) resume from the workdir
-        abstract = checkpointing.abstract_state(trainer.abstract_state(), trainer.state_sharding)
-        state, meta = ckpt.restore(latest, abstract)
-        logger.info("resumed from step %d (%s)", latest, meta.get("phase"))
-        if meta.get("phase") == "done":
-            writer.close()
-            return meta.get("final", {})
-    else:  # (2) the initial model plus a fresh reward head
-        rm_trunk = experiment.reward_trunk(config, setup.gpt_cfg, trunk)
-        params = experiment.with_heads(rm_trunk, setup.gpt_cfg, ("reward",), rng_init)
-        state = trainer.init_state(params)
-        if r.normalize_before:
-            target = label_types.target_mean_std(setup.label_type, setup.train_labels)
-            params, stats, (gain, bias) = trainer.normalize(
-                state["params"], ref_trunk, target, r.normalize_samples, 0, rng_sample)
-            state["params"] = params
-            logger.info("normalize before: ρ rewards %.4f ± %.4f -> target %s (gain %.4f, bias %.4f)",
-                        stats["mean"], stats["std"], target, gain, bias)
-            writer.write(0, {"normalize/before_mean": stats["mean"],
-                             "normalize/before_std": stats["std"],
-                             "normalize/before_gain": gain, "normalize/before_bias": bias})
+    params = state["params"]
+    final = trainer.evaluate(params, _stack_samples(setup.valid_labels, setup.label_type))
+    check_final = functools.partial(run.guard.check_values, setup.num_steps)
+    if r.normalize_after:
+        params, stats, (gain, bias) = trainer.normalize(params, ref_trunk, (0.0, 1.0),
+                                                        r.normalize_samples, nb, rng_sample,
+                                                        check_final)
+        logger.info("normalize after: ρ rewards %.4f ± %.4f (gain %.4f, bias %.4f)",
+                    stats["mean"], stats["std"], gain, bias)
+        final |= {"normalize/after_raw_mean": stats["mean"], "normalize/after_raw_std": stats["std"],
+                  "normalize/after_gain": gain, "normalize/after_bias": bias}
+    if r.verify_samples:
+        vb = reward_modeling.normalization_num_batches(r.verify_samples, r.rollout_batch_size)
+        check = reward_modeling.reward_stats(
+            trainer.ref_rewards(params, ref_trunk, vb, 2 * nb, rng_sample))
+        n = vb * r.rollout_batch_size
+        logger.info("verify on %d fresh ρ samples: reward mean %.4f (±%.4f s.e.), std %.4f",
+                    n, check["mean"], check["std"] / math.sqrt(n), check["std"])
+        final |= {"verify/mean": check["mean"], "verify/std": check["std"],
+                  "verify/num_samples": float(n)}
+    check_final(final)
+    run.log(setup.num_steps, final)
+    save_reward_model(workdir, params, setup.gpt_cfg, setup.spec, setup.label_type.name,
+                      {"final": final})
+    state["params"] = params
+    run.save(setup.num_steps, state, {"phase": "done", "final": final}, force=True,
+             total=setup.num_steps)
+    run.close()
+    if "valid/accuracy" in final:
+        logger.info("held-out accuracy %.3f on %d labels", final["valid/accuracy"],
+                    int(final["valid/num_labels"]))
+    return final
 
+
+def _fresh_state(run: loop.TrainRun, trainer: RewardTrainer, trunk, ref_trunk, rng_init,
+                 rng_sample):
+    """The initial model plus a fresh reward head, normalised before training if asked."""
+    setup, r = trainer.s, trainer.s.config.rewards
+    rm_trunk = experiment.reward_trunk(setup.config, setup.gpt_cfg, trunk)
+    params = experiment.with_heads(rm_trunk, setup.gpt_cfg, ("reward",), rng_init)
+    state = trainer.init_state(params)
+    if r.normalize_before:
+        target = label_types.target_mean_std(setup.label_type, setup.train_labels)
+        params, stats, (gain, bias) = trainer.normalize(
+            state["params"], ref_trunk, target, r.normalize_samples, 0, rng_sample,
+            functools.partial(run.guard.check_values, 0))
+        state["params"] = params
+        logger.info("normalize before: ρ rewards %.4f ± %.4f -> target %s (gain %.4f, bias %.4f)",
+                    stats["mean"], stats["std"], target, gain, bias)
+        run.log(0, {"normalize/before_mean": stats["mean"], "normalize/before_std": stats["std"],
+                    "normalize/before_gain": gain, "normalize/before_bias": bias})
+    return state
+
+
+def _train_loop(run: loop.TrainRun, trainer: RewardTrainer, state, rng_shuffle):
+    """One epoch over the training labels, from the restored step; returns the last state."""
+    setup, config = trainer.s, trainer.s.config
+    r = config.rewards
     arrays = _stack_samples(setup.train_labels, setup.label_type)
     # One random permutation of the training labels for the single epoch (same on every host).
     order = np.asarray(jax.random.permutation(rng_shuffle, config.labels.num_train))
@@ -298,88 +340,23 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
         r.batch_size * n * (spec.query_length + spec.response_length),
         jax.devices()[0].device_kind, setup.mesh.size, config.model.dtype)
     t_log, step_log = time.time(), start
-    with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
-          sharding.mesh_context(setup.mesh, setup.rules)):
+    with run.loop(start, sharding.mesh_context(setup.mesh, setup.rules)):
         for step in range(start, setup.num_steps):
             rows = order[step * r.batch_size : (step + 1) * r.batch_size]
-            state, stats = trainer.train_step(state, _global_batch(arrays, rows, setup.mesh))
+            state, stats, flags = trainer.train_step(state, _global_batch(arrays, rows, setup.mesh))
             done = step + 1
+            run.check(done, flags)
             if done % r.log_every == 0 or done == setup.num_steps:
+                run.guard.flush()
                 stats = {k: float(v) for k, v in jax.device_get(stats).items()}
                 stats |= throughput((time.time() - t_log) / (done - step_log))
                 t_log, step_log = time.time(), done
-                writer.write(done, stats)
+                run.log(done, stats)
                 progress.update(done, loss=stats["train/loss"])
-            if done < setup.num_steps:  # the last step is saved below, marked "done"
-                ckpt.save(done, state, {"phase": "train"}, force=stop.requested)
-            if stop.requested:
-                ckpt.wait_until_finished()
-                logger.warning("stopping at step %d on %s; rerun to resume", done, stop.reason)
-                raise SystemExit(runtime.EXIT_STOPPED)
-
-    params = state["params"]
-    final = trainer.evaluate(params, _stack_samples(setup.valid_labels, setup.label_type))
-    if r.normalize_after:
-        params, stats, (gain, bias) = trainer.normalize(params, ref_trunk, (0.0, 1.0),
-                                                        r.normalize_samples, nb, rng_sample)
-        logger.info("normalize after: ρ rewards %.4f ± %.4f (gain %.4f, bias %.4f)",
-                    stats["mean"], stats["std"], gain, bias)
-        final |= {"normalize/after_raw_mean": stats["mean"], "normalize/after_raw_std": stats["std"],
-                  "normalize/after_gain": gain, "normalize/after_bias": bias}
-    if r.verify_samples:
-        vb = reward_modeling.normalization_num_batches(r.verify_samples, r.rollout_batch_size)
-        check = reward_modeling.reward_stats(
-            trainer.ref_rewards(params, ref_trunk, vb, 2 * nb, rng_sample))
-        n = vb * r.rollout_batch_size
-        logger.info("verify on %d fresh ρ samples: reward mean %.4f (±%.4f s.e.), std %.4f",
-                    n, check["mean"], check["std"] / math.sqrt(n), check["std"])
-        final |= {"verify/mean": check["mean"], "verify/std": check["std"],
-                  "verify/num_samples": float(n)}
-    writer.write(setup.num_steps, final)
-    save_reward_model(workdir, params, setup.gpt_cfg, setup.spec, setup.label_type.name,
-                      {"final": final})
-    state["params"] = params
-    ckpt.save(setup.num_steps, state, {"phase": "done", "final": final}, force=True)
-    ckpt.close()
-    writer.close()
-    if "valid/accuracy" in final:
-        logger.info("held-out accuracy %.3f on %d labels", final["valid/accuracy"],
-                    int(final["valid/num_labels"]))
-    return final
-
-
-def load_reward_model(path: str, mesh, rules, expected_spec: tasks.TaskSpec | None = None):
-    """Loads a train_reward workdir's final model onto `mesh` (FSDP-sharded).
-
-    Args:
-        path: the train_reward workdir (holding `reward_model/` and `reward_model.json`).
-        mesh, rules: where to put the params.
-        expected_spec: if given, the reward model's task settings must match (as the original
-            asserts the RM's task hparams equal the policy's).
-
-    Returns:
-        (params, GPT2Config, meta dict).
-    """
-    meta_path = os.path.join(path, REWARD_MODEL_META)
-    if not os.path.isdir(path) or not os.path.exists(meta_path):
-        raise FileNotFoundError(
-            f"rewards.trained_model={path!r}: no trained reward model there (expected "
-            f"{REWARD_MODEL_META} and {REWARD_MODEL_DIR}/ written by train_reward)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    gpt_cfg = models.GPT2Config(**meta["gpt2_config"])
-    if expected_spec is not None:
-        got, want = meta["task_spec"], experiment.spec_dict(expected_spec)
-        diff = {k: (got.get(k), want[k]) for k in want if got.get(k) != want[k]}
-        if diff:
-            raise ValueError(
-                f"rewards.trained_model={path!r} was trained for other task settings: "
-                + ", ".join(f"{k}: reward model {a!r} vs policy {b!r}" for k, (a, b) in diff.items()))
-    shardings = sharding.param_shardings(gpt_cfg, ("reward",), mesh, rules)
-    abstract = jax.eval_shape(lambda: models.init_params(gpt_cfg, jax.random.key(0), ("reward",)))
-    params = checkpointing.load_params(os.path.join(path, REWARD_MODEL_DIR),
-                                       checkpointing.abstract_state(abstract, shardings))
-    return params, gpt_cfg, meta
+            if done < setup.num_steps:  # the last step is saved by the caller, marked "done"
+                run.save(done, state, {"phase": "train"}, total=setup.num_steps)
+                run.exit_if_stopped(done)
+    return state
 
 
 FLAGS = flags.FLAGS
@@ -387,6 +364,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    validation.check_workdir(FLAGS.workdir)
     runtime.maybe_initialize_distributed()
     runtime.setup_logging(FLAGS.workdir)
     train_reward(FLAGS.config, FLAGS.workdir)

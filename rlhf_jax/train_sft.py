@@ -24,7 +24,10 @@ task before and after training), orbax checkpoints (`checkpoints/`) and the fina
 GPT-2 directory, `hf_model/`, usable as `--config.model.checkpoint={workdir}/hf_model` for
 label, train_reward and train_policy (initial policy and reference of a PPO run).
 
-Resume order: (1) the latest checkpoint in the workdir; (2) the initial model of `config.model`.
+Resume order: (1) the newest checkpoint in the workdir that restores; (2) the initial model of
+`config.model`. A non-finite loss, gradient or parameter stops the run before the next save; the
+workdir's config record (`config.json`, `config_history.jsonl`) is checked on every resume
+(`rlhf_jax.runs`).
 """
 
 from __future__ import annotations
@@ -45,120 +48,21 @@ from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, cli, experiment, flops, labelers, metrics as metrics_lib, models
+from rlhf_jax import checkpointing, cli, experiment, flops, labelers, models
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import optim, runtime, sampling, sharding
 from rlhf_jax.data import summarization, tasks
+from rlhf_jax.data.sft import SFTData, summary_example  # noqa: F401 - re-exported
 from rlhf_jax.models import hf_import
-from rlhf_jax.tokenizer import EOT_ID
+from rlhf_jax.runs import loop, nonfinite, validation
 
 logger = logging.getLogger(__name__)
 
 HF_MODEL_DIR = "hf_model"
 EXIT_STOPPED = runtime.EXIT_STOPPED
-MODES = ("lm", "summarize")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-MAX_SKIPPED = 1000  # unusable examples in a row before the data is declared unusable
-# --- Examples ---------------------------------------------------------------------------------
-
-
-def summary_example(article: str, reference: str, tok, spec: tasks.TaskSpec):
-    """One supervised summary example laid out as a policy context plus response.
-
-    Args:
-        article: the article text.
-        reference: its reference summary; newlines become spaces, because the task ends a
-            response at a newline (truncate_token 198).
-        tok: tokenizer.
-        spec: the task settings.
-
-    Returns:
-        (tokens int32[context_length + response_length], mask bool[same]) where mask marks the
-        summary tokens (the loss targets), or None when the article yields no query (as the
-        query stream skips it) or the reference is empty.
-    """
-    query = tasks.make_query(tok.encode(article), spec)
-    reference = " ".join(reference.split())
-    if query is None or not reference:
-        return None
-    context = tasks.format_context(query[None], spec)[0]
-    # A leading space: after "TL;DR:" GPT-2 continues with " word", not "word".
-    target = tok.encode(" " + reference + "\n")[: spec.response_length]
-    response = np.full(spec.response_length, spec.pad_id, np.int32)
-    response[: len(target)] = target
-    mask = np.zeros(spec.context_length + spec.response_length, bool)
-    mask[spec.context_length : spec.context_length + len(target)] = True
-    return np.concatenate([context, response]).astype(np.int32), mask
-
-
-class SFTData:
-    """Fixed-length examples and the batch of any step, a pure function of (seed, step).
-
-    Pass `e` over the examples is a permutation drawn with `np.random.default_rng((seed, e))`;
-    the global batch of step `s` is rows [s*B, (s+1)*B) of that stream. An example that turns
-    out unusable (lazy tfds records) is replaced by the next usable one in the same pass.
-
-    Attributes:
-        seq_len: tokens per example.
-        target_start: first position whose token can be a target (1 for "lm", the context
-            length for "summarize"); the loss reads logits only from there on.
-    """
-
-    def __init__(self, num: int, example_fn, seq_len: int, target_start: int, seed: int):
-        if num == 0:
-            raise ValueError("SFT dataset is empty")
-        self.num, self.seq_len, self.target_start, self.seed = num, seq_len, target_start, seed
-        self.example = functools.lru_cache(maxsize=8192)(example_fn)
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:  # a batch spans at most two passes
-                self._perms.clear()
-            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.num)
-        return self._perms[epoch]
-
-    @classmethod
-    def lm(cls, texts, tok, seq_len: int, seed: int) -> SFTData:
-        """Texts joined with EOT and cut into windows of `seq_len` (the tail is dropped)."""
-        stream = np.fromiter((t for text in texts for t in tok.encode(text) + [EOT_ID]), np.int32)
-        windows = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
-        if not len(windows):
-            raise ValueError(f"SFT corpus has {len(stream)} tokens, fewer than seq_len={seq_len}")
-        mask = np.ones(seq_len, bool)
-        logger.info("SFT lm data: %d tokens, %d windows of %d", len(stream), len(windows), seq_len)
-        return cls(len(windows), lambda i: (windows[i], mask), seq_len, 1, seed)
-
-    @classmethod
-    def summarize(cls, pairs, tok, spec: tasks.TaskSpec, seed: int) -> SFTData:
-        def example_fn(i):
-            try:
-                return summary_example(*pairs[i], tok, spec)
-            except summarization.RecordError as err:
-                logger.warning("skipping: %s", err)
-                return None
-
-        return cls(len(pairs), example_fn, spec.context_length + spec.response_length,
-                   spec.context_length, seed)
-
-    def row(self, r: int):
-        """(tokens, mask) of stream row `r`."""
-        epoch, offset = divmod(r, self.num)
-        perm = self._perm(epoch)
-        for k in range(min(self.num, MAX_SKIPPED)):
-            ex = self.example(int(perm[(offset + k) % self.num]))
-            if ex is not None:
-                return ex
-        raise ValueError(f"{min(self.num, MAX_SKIPPED)} SFT examples in a row are unusable "
-                         "(articles the task skips, e.g. no end_text in the query window, or "
-                         "empty references)")
-
-    def get_batch(self, step: int, batch_size: int, process_index: int = 0,
-                  process_count: int = 1) -> dict[str, np.ndarray]:
-        """This process's contiguous slice of the global batch of `step`."""
-        local = batch_size // process_count
-        start = step * batch_size + process_index * local
-        rows = [self.row(r) for r in range(start, start + local)]
-        return {"tokens": np.stack([t for t, _ in rows]), "mask": np.stack([m for _, m in rows])}
+MODES = validation.SFT_MODES
+SECTIONS = ("runtime", "model", "task", "sft")  # validated at start-up
+IGNORED_SECTIONS = ("ppo", "rewards", "labels", "labeler")  # not read by SFT
 
 
 def sft_loss(params, batch, *, config: models.GPT2Config, target_start: int):
@@ -196,15 +100,8 @@ class SFTSetup:
 
     def __init__(self, config: ml_collections.ConfigDict):
         s = config.sft
-        if s.mode not in MODES:
-            raise ValueError(f"sft.mode={s.mode!r}; expected one of {MODES}")
-        if s.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"sft.lr_schedule={s.lr_schedule!r}; expected one of {LR_SCHEDULES}")
-        if s.steps < 1 or s.log_every < 1:
-            raise ValueError(f"sft.steps={s.steps} and sft.log_every={s.log_every} must be >= 1")
         self.config = config
-        self.mesh, self.rules = experiment.mesh_and_rules(config)
-        sharding.check_batch_divisible("sft.batch_size", s.batch_size, self.mesh)
+        self.mesh, self.rules = validation.validate_with_mesh(config, SECTIONS)
         self.gpt_cfg = experiment.gpt2_config(config)
         self.tok = experiment.tokenizer(config)
         self.spec = experiment.task_spec(config, self.tok, self.gpt_cfg)
@@ -214,12 +111,9 @@ class SFTSetup:
             self.dataset = experiment.query_source(config)
             data_dir = config.task.get("query_data_dir", "")
         if s.mode == "summarize" and not summarization.is_summarization_source(self.dataset):
-            raise ValueError(f"sft.mode='summarize' needs (article, reference) pairs, but dataset "
-                             f"{self.dataset!r} has no references; use tfds:..., jsonl:... or "
-                             "builtin:lead")
-        if s.mode == "lm" and not 2 <= s.seq_len <= self.gpt_cfg.n_positions:
-            raise ValueError(f"sft.seq_len={s.seq_len} must be in [2, n_positions="
-                             f"{self.gpt_cfg.n_positions}]")
+            raise validation.ConfigError(
+                f"--config.sft.mode='summarize' needs (article, reference) pairs, but dataset "
+                f"{self.dataset!r} has no references; use tfds:..., jsonl:... or builtin:lead")
         self.data = self._load(s.split, data_dir)
         self.data.get_batch(0, s.batch_size)  # fails now, naming the problem, if unusable
         use_eval = s.eval_batches and s.eval_split
@@ -281,7 +175,8 @@ class SFTTrainer:
         loss_fn = functools.partial(sft_loss, config=gpt_cfg, target_start=setup.data.target_start)
         self._loss = loss_fn
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, None),
-                                  out_shardings=(self.state_sharding, None), donate_argnums=(0,))
+                                  out_shardings=(self.state_sharding, None, None),
+                                  donate_argnums=(0,))
         self.eval_step = jax.jit(lambda params, batch: loss_fn(params, batch)[1],
                                  in_shardings=(self.param_sharding, None))
         self.sample_fn = sampling.make_sampler(
@@ -290,11 +185,13 @@ class SFTTrainer:
             batch_sharding=sharding.batch_sharding(mesh))
 
     def _train_step(self, state, batch):
-        (_, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
+        """One Adam step; returns (state, stats, non-finite flags of loss, grads, params)."""
+        (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         stats["lr"] = self.schedule(state["step"])
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+        flags = nonfinite.step_flags(loss, grads, params)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats, flags
 
     def abstract_state(self):
         return {"params": self.abstract_params,
@@ -378,40 +275,32 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     same workdir resumes, and returns at once when the run is already done.
     """
     setup = SFTSetup(config)  # every input is validated before any compute
-    experiment.ensure_workdir(workdir)
+    run = loop.TrainRun(config, workdir, trainer="train_sft", ignore_sections=IGNORED_SECTIONS)
     trainer = SFTTrainer(setup)
     s = config.sft
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      save_every=s.ckpt_every, keep=config.ckpt_keep)
     run_meta = _run_meta(setup)
-    latest = ckpt.latest_step()
-    # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
-    writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
-                                      resume_step=-1 if latest is None else latest, config=config)
-    writer.write_json("config.json", config.to_dict())
     with sharding.mesh_context(setup.mesh, setup.rules):
-        if latest is not None:  # (1) resume from the workdir
-            abstract = checkpointing.abstract_state(trainer.abstract_state(),
-                                                    trainer.state_sharding)
-            state, meta = ckpt.restore(latest, abstract)
-            checkpointing.check_compatible(meta, run_meta, list(run_meta))
-            logger.info("resumed from step %d (%s)", latest, meta.get("phase"))
-            if meta.get("phase") == "done":
-                if not os.path.isdir(os.path.join(workdir, HF_MODEL_DIR)):
-                    export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
-                ckpt.close()
-                writer.close()
-                return meta.get("final", {})
-        else:  # (2) the initial model of config.model
-            trunk = experiment.initial_trunk(config, setup.gpt_cfg)
-            state = trainer.init_state({"transformer": trunk})
-            before = trainer.evaluate(state["params"])
-            if before:
-                writer.write(0, before)
-            writer.write_samples(0, trainer.samples(state["params"], 0))
-        final = _train_loop(trainer, state, ckpt, writer, run_meta, workdir)
-    ckpt.close()
-    writer.close()
+        with run.starting():  # a failed start in a new workdir leaves none behind
+            run.open(save_every=s.ckpt_every, keep=config.ckpt_keep)
+            restored = run.restore(checkpointing.abstract_state(trainer.abstract_state(),
+                                                                trainer.state_sharding))
+            if restored is not None:  # (1) resume from the workdir
+                state, meta = restored
+                checkpointing.check_compatible(meta, run_meta, list(run_meta))
+                if meta.get("phase") == "done":
+                    if not os.path.isdir(os.path.join(workdir, HF_MODEL_DIR)):
+                        export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
+                    run.close()
+                    return meta.get("final", {})
+            else:  # (2) the initial model of config.model
+                trunk = experiment.initial_trunk(config, setup.gpt_cfg)
+                state = trainer.init_state({"transformer": trunk})
+                before = trainer.evaluate(state["params"])
+                if before:
+                    run.log(0, before)
+                run.writer.write_samples(0, trainer.samples(state["params"], 0))
+        final = _train_loop(run, trainer, state, run_meta, workdir)
+    run.close()
     if runtime.is_primary():
         metrics_lib.plot_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE),
                                  os.path.join(workdir, "plot.png"),
@@ -420,13 +309,13 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return final
 
 
-def _train_loop(trainer: SFTTrainer, state, ckpt, writer, run_meta: dict, workdir: str) -> dict:
+def _train_loop(run: loop.TrainRun, trainer: SFTTrainer, state, run_meta: dict,
+                workdir: str) -> dict:
     setup, s = trainer.s, trainer.s.config.sft
     start = int(state["step"])
     tokens_per_step = s.batch_size * setup.data.seq_len
     progress = metrics_lib.Progress(s.steps, start=start, desc="train_sft",
                                     items_per_step={"tokens": tokens_per_step})
-    stop_after = setup.config.get("stop_after", 0)
     seq = setup.data.seq_len
     throughput = flops.Throughput(  # the loss covers every position of the window: 3x forward
         3.0 * s.batch_size * flops.forward_flops(setup.gpt_cfg, seq, seq, seq), tokens_per_step,
@@ -435,42 +324,38 @@ def _train_loop(trainer: SFTTrainer, state, ckpt, writer, run_meta: dict, workdi
     last: dict[str, float] = {}
     t_log = time.time()
     # The next batch is built on a host thread while the device runs the current step.
-    with (ckpt.commit_on_error(), runtime.StopSignal() as stop,
-          concurrent.futures.ThreadPoolExecutor(1) as pool):
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    with run.loop(start, pool):
         future = pool.submit(trainer.global_batch, setup.data, start)
         for step in range(start, s.steps):
             batch = future.result()
             if step + 1 < s.steps:
                 future = pool.submit(trainer.global_batch, setup.data, step + 1)
-            state, stats = trainer.train_step(state, batch)
+            state, stats, flags = trainer.train_step(state, batch)
             pending.append(stats)
             done = step + 1
+            run.check(done, flags)
             if done % s.log_every == 0 or done == s.steps:
+                run.guard.flush()
                 # Means over the steps since the last log line, read from the device once.
                 got = jax.device_get(pending)
                 pending = []
                 last = {f"train/{k}": float(np.mean([g[k] for g in got])) for k in got[0]}
                 last |= throughput((time.time() - t_log) / len(got))
                 t_log = time.time()
-                writer.write(done, last)
+                run.log(done, last)
                 progress.update(done, loss=last["train/loss"])
-            if stop_after and done - start >= stop_after:
-                stop.request(f"stop_after={stop_after}")
             if done < s.steps:  # the last step is saved below, marked "done"
-                ckpt.save(done, state, run_meta | {"phase": "train"}, force=stop.requested)
-            if stop.requested and done < s.steps:
-                ckpt.wait_until_finished()
-                ckpt.close()
-                writer.close()
-                logger.warning("stopping at step %d on %s; rerun to resume", done, stop.reason)
-                raise SystemExit(EXIT_STOPPED)
+                run.save(done, state, run_meta | {"phase": "train"}, total=s.steps)
+                run.exit_if_stopped(done)
     after = trainer.evaluate(state["params"])
     if after:
-        writer.write(s.steps, after)
+        run.log(s.steps, after)
     final = last | after
-    writer.write_samples(s.steps, trainer.samples(state["params"], s.steps))
+    run.writer.write_samples(s.steps, trainer.samples(state["params"], s.steps))
     export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
-    ckpt.save(s.steps, state, run_meta | {"phase": "done", "final": final}, force=True)
+    run.save(s.steps, state, run_meta | {"phase": "done", "final": final}, force=True,
+             total=s.steps)
     logger.info("SFT done: train loss %.4f%s; model in %s", final.get("train/loss", float("nan")),
                 f", valid loss {final['valid/loss']:.4f}" if "valid/loss" in final else "",
                 os.path.join(workdir, HF_MODEL_DIR))
@@ -482,6 +367,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    validation.check_workdir(FLAGS.workdir)
     runtime.maybe_initialize_distributed()
     runtime.setup_logging(FLAGS.workdir)
     train_sft(FLAGS.config, FLAGS.workdir)

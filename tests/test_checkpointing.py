@@ -1,6 +1,7 @@
 """Tests for rlhf_jax.checkpointing: policy, round trip of optax/flax state, cross-mesh restore."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rlhf_jax import checkpoint_integrity as integrity
 from rlhf_jax import checkpointing, runtime
 from tests.conftest import require_devices
 
@@ -276,3 +278,196 @@ def test_async_save_survives_donation_of_saved_buffers(tmp_path):
         ckpt.wait_until_finished()
         restored, _ = ckpt.restore(1, abstract)
     _assert_same(restored, expected)
+
+
+# ---------------------------------------------------------------- integrity and corruption
+
+
+def _two_steps(tmp_path):
+    states = {step: {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) * step,
+                     "step": jnp.asarray(step, jnp.int32)} for step in (1, 2)}
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, {"step": step})
+    return states, checkpointing.abstract_state(states[1])
+
+
+def _largest_data_file(item_dir):
+    files = [p for p in item_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(item_dir):
+    path = _largest_data_file(item_dir)
+    os.truncate(path, path.stat().st_size // 2)
+    return "OUT_OF_RANGE.*params|Error reading"
+
+
+def _flip(item_dir):
+    path = _largest_data_file(item_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    return "checksum mismatch|Error reading|decod"
+
+
+def _break_metadata(item_dir):
+    (item_dir / "_METADATA").write_text('{"tree_metadata": ')
+    return r"_METADATA: not valid JSON"
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _flip, _break_metadata],
+                         ids=["truncated", "flipped", "metadata"])
+def test_corrupt_latest_step_falls_back_and_is_set_aside(tmp_path, corrupt):
+    states, abstract = _two_steps(tmp_path)
+    why = corrupt(tmp_path / "2" / "state")
+    broken = {p.relative_to(tmp_path / "2"): p.read_bytes()
+              for p in (tmp_path / "2").rglob("*") if p.is_file()}
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        with pytest.raises(checkpointing.CheckpointCorruptError) as err:
+            ckpt.restore(2, abstract)
+        assert str(err.value).startswith("step 2: ") and str(tmp_path / "2") in str(err.value)
+        assert re.search(why, str(err.value)), str(err.value)
+        step, state, meta = ckpt.restore_latest(abstract)
+        assert (step, meta) == (1, {"step": 1})
+        _assert_same(state, states[1])
+        assert ckpt.all_steps() == [1]
+        # The run goes on from step 1 and saves step 2 again.
+        assert ckpt.save(2, states[2], {"step": 2})
+    (moved,) = (tmp_path / "corrupt").iterdir()
+    assert re.fullmatch(r"2-\d{8}T\d{6}Z", moved.name)
+    assert {p.relative_to(moved): p.read_bytes() for p in moved.rglob("*") if p.is_file()} == broken
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        _assert_same(ckpt.restore(2, abstract)[0], states[2])
+
+
+def test_no_restorable_step_lists_every_step_and_moves_nothing(tmp_path):
+    _, abstract = _two_steps(tmp_path)
+    _truncate(tmp_path / "2" / "state")
+    _break_metadata(tmp_path / "1" / "state")
+    with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+        with pytest.raises(checkpointing.NoRestorableCheckpointError) as err:
+            ckpt.restore_latest(abstract)
+    msg = str(err.value)
+    assert "none of the 2 checkpoints" in msg and "step 2: " in msg and "step 1: " in msg
+    assert "1/state/_METADATA: not valid JSON" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+@require_devices(8)
+def test_checksums_ignore_the_mesh_and_catch_one_bit():
+    w = jnp.arange(8 * 16, dtype=jnp.float32).reshape(8, 16)
+    tree = {"w": w, "b": jnp.ones(5, jnp.bfloat16), "n": jnp.asarray(3)}
+    plain = integrity.tree_checksums(tree)
+    sharded = dict(tree, w=jax.device_put(w, NamedSharding(_mesh((8,), ("fsdp",)), P("fsdp"))),
+                   n=jax.device_put(tree["n"], jax.devices()[3]))  # leaves on other devices
+    assert integrity.tree_checksums(sharded) == plain
+    assert integrity.tree_checksums(jax.tree.map(np.asarray, sharded)) == plain
+    assert integrity.mismatches(sharded, plain) == []
+    bits = np.asarray(w).copy()
+    bits.view(np.uint32)[3, 5] ^= 1  # the lowest mantissa bit of one element
+    assert integrity.mismatches(dict(tree, w=bits), plain) == [
+        f"w: digest {integrity.tree_checksums({'w': bits})['w']} != saved {plain['w']}"]
+    # Swapping two elements changes the digest too (it depends on positions).
+    swapped = np.asarray(w).copy()
+    swapped[0, 0], swapped[0, 1] = swapped[0, 1], swapped[0, 0]
+    assert integrity.tree_checksums({"w": swapped})["w"] != plain["w"]
+
+
+def test_read_only_reader_leaves_a_save_in_progress_alone(tmp_path):
+    states, abstract = _two_steps(tmp_path)
+    # A live run's save in progress: orbax writes `<step>.orbax-checkpoint-tmp-<ts>`.
+    shutil.copytree(tmp_path / "2", tmp_path / "3.orbax-checkpoint-tmp-1712345678")
+
+    def snapshot():
+        return {str(p.relative_to(tmp_path)): (p.stat().st_mtime_ns, p.stat().st_size)
+                for p in tmp_path.rglob("*")}
+
+    before = snapshot()
+    with checkpointing.Checkpointer(tmp_path, save_every=1, read_only=True) as ckpt:
+        step, state, _ = ckpt.restore_latest(abstract)
+        assert step == 2
+        with pytest.raises(RuntimeError, match="read-only"):
+            ckpt.save(4, state, {})
+    _assert_same(state, states[2])
+    assert snapshot() == before
+    # A broken newest step is skipped, but a reader moves nothing aside.
+    _truncate(tmp_path / "2" / "state")
+    with checkpointing.Checkpointer(tmp_path, save_every=1, read_only=True) as ckpt:
+        assert ckpt.restore_latest(abstract)[0] == 1
+    assert not (tmp_path / "corrupt").exists() and (tmp_path / "2").is_dir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        checkpointing.Checkpointer(tmp_path / "none", save_every=1, read_only=True)
+    assert not (tmp_path / "none").exists()
+
+
+def test_load_params_verifies_and_names_the_file(tmp_path):
+    params = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64)}
+    digests = checkpointing.save_params(tmp_path / "model", params)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    _assert_same(checkpointing.load_params(tmp_path / "model", checksums=digests), params)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+    _flip(tmp_path / "model")
+    with pytest.raises(checkpointing.CheckpointCorruptError, match=str(tmp_path / "model")):
+        checkpointing.load_params(tmp_path / "model", checksums=digests)
+    _break_metadata(tmp_path / "model")
+    with pytest.raises(checkpointing.CheckpointCorruptError,
+                       match=re.escape(str(tmp_path / "model" / "_METADATA"))):
+        checkpointing.load_params(tmp_path / "model", checksums=digests)
+
+
+_BROKEN_RESTORE_CHILD = textwrap.dedent("""
+    import os, sys
+    import jax.numpy as jnp
+    from rlhf_jax import checkpointing
+    state = {f"w{i}": jnp.arange(4096.0 * (i + 1)).reshape(64, -1) for i in range(6)}
+    with checkpointing.Checkpointer(sys.argv[1], save_every=1) as ckpt:
+        ckpt.save(1, state, {})
+        ckpt.save(2, state, {})
+    for step in ("1", "2"):
+        d = os.path.join(sys.argv[1], step, "state", "ocdbt.process_0", "d")
+        for name in os.listdir(d):
+            os.truncate(os.path.join(d, name), 10)
+    ckpt = checkpointing.Checkpointer(sys.argv[1], save_every=1)
+    ckpt.restore_latest(checkpointing.abstract_state(state))  # raises: nothing restores
+""")
+
+
+def test_a_failed_restore_ends_with_its_error_not_orbax_noise(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(_BROKEN_RESTORE_CHILD)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-4:]
+    assert last[0].startswith("rlhf_jax.checkpoint_integrity.NoRestorableCheckpointError: none "
+                              "of the 2 checkpoints"), proc.stderr[-3000:]
+    assert "Exception ignored" not in proc.stderr and "Event loop is closed" not in proc.stderr
+
+
+def test_orbax_leftover_filter_drops_only_its_leftovers(monkeypatch):
+    """After a failed restore, orbax's abandoned reads raise "Event loop is closed" from
+    TensorStore callbacks (through sys.excepthook) and again when their coroutines are
+    collected (sys.unraisablehook); only those are dropped, everything else gets through."""
+    import types
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    monkeypatch.setattr(sys, "excepthook", lambda t, e, tb: seen.append(e))
+    monkeypatch.setattr(integrity, "_previous_hooks", {})
+    integrity.quiet_orbax_leftovers()
+    namespace = {}
+    exec(compile("async def read(): pass", "/venv/orbax/checkpoint/serialization.py", "exec"),
+         namespace)
+    orbax_coroutine = namespace["read"]()
+    closed, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
+    sys.unraisablehook(types.SimpleNamespace(exc_value=closed, object=None))
+    sys.unraisablehook(types.SimpleNamespace(exc_value=GeneratorExit(), object=orbax_coroutine))
+    sys.excepthook(RuntimeError, closed, None)
+    sys.unraisablehook(types.SimpleNamespace(exc_value=other, object=None))
+    sys.excepthook(ValueError, ValueError("real"), None)
+    orbax_coroutine.close()
+    assert [str(e) for e in seen] == ["something else", "real"]

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from rlhf_jax import config_lib
+from rlhf_jax.runs.record import flatten
 from tests.test_summarize_configs import parse_command_line
 from tests.test_train_reward import ROOT, load_config
 
@@ -15,6 +16,8 @@ BOOKS = ("sentiment", "descriptiveness")
 # Another change sets preset-dependent model defaults (dtype, remat) in config_lib.model_config:
 # not part of what these experiment functions decide.
 MODEL_DEFAULTS = ("model.dtype", "model.remat")
+# Issue 17 adds the resume override (`--config.allow_config_change`) to every config.
+RESUME_FIELDS = ("allow_config_change",)
 # The paper's 774M settings (Ziegler et al. 2019 appendix; spec §3.2, §4.1), written out here
 # rather than read from config_lib so that a wrong value there fails.
 PAPER_774M = {
@@ -23,16 +26,6 @@ PAPER_774M = {
     "summarize": {"rewards.batch_size": 32, "rewards.lr": 1.77e-5, "labels.num_train": 45_984,
                   "ppo.total_episodes": 2_000_000, "ppo.batch_size": 512, "ppo.lr": 7.07e-6},
 }
-
-
-def flatten(d, prefix=""):
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # Fields added after issue 16 by other work (new options with their own tests): they are new
@@ -68,6 +61,8 @@ def test_rebuilt_configs_equal_the_old_ones(key):
     expected = {**old, **changes}
     for k in MODEL_DEFAULTS:
         expected.pop(k), new.pop(k)
+    for k in RESUME_FIELDS:
+        assert new.pop(k) is False
     new = {k: v for k, v in new.items() if not k.startswith(ADDED_LATER)}
     assert set(new) == set(expected), set(new) ^ set(expected)
     diffs = {k: (expected[k], new[k]) for k in new if new[k] != expected[k]}

@@ -94,7 +94,7 @@ def test_installed_copy_resolves_configs_from_another_directory(site, tmp_path):
                          "configs/sentiment.py:runlocal", "--workdir", str(tmp_path / "rm"),
                          "--config.labels.path=")
     assert run.returncode == 1, run.stderr[-3000:]
-    assert "labels.path is empty" in run.stderr
+    assert "--config.labels.path='': give a label file" in run.stderr
     assert f"using the copy installed with rlhf_jax: {configs}/sentiment.py" in run.stderr
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from rlhf_jax import (
 )
 from rlhf_jax import sample as sample_lib
 from rlhf_jax.data import sources, tasks
+from rlhf_jax.runs import record
 from tests.conftest import require_devices
 from tests.test_train_reward import load_config
 
@@ -95,7 +97,8 @@ def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
                 # Invalid responses (no '.' at index >= 16) score exactly the penalty.
                 valid = np.asarray(tasks.responses_valid(data["responses"], spec))
                 np.testing.assert_array_equal(np.asarray(extras["scores"])[~valid], -1.0)
-            state, train_stats = fns.update(state, data, jax.random.key(100 + it))
+            state, train_stats, flags = fns.update(state, data, jax.random.key(100 + it))
+            assert int(flags) == 0
             assert np.isfinite(float(train_stats["ppo/loss/total"]))
     assert int(state["step"]) == 3
 
@@ -110,7 +113,7 @@ def test_update_on_8_devices_matches_one_device(random_rm):
             queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
             data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
                                          queries, state["kl_coef"], jax.random.key(0))
-            state, train_stats = fns.update(state, data, jax.random.key(1))
+            state, train_stats, _ = fns.update(state, data, jax.random.key(1))
         results.append(jax.device_get((data, stats, train_stats, state["params"])))
     (d8, s8, t8, p8), (d1, s1, t1, p1) = results
     np.testing.assert_array_equal(d8["responses"], d1["responses"])
@@ -126,6 +129,10 @@ def _rows(workdir):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     # Wall-clock metrics differ from run to run; everything else must match exactly.
     return [{k: v for k, v in r.items() if not k.startswith(("elapsed/", "perf/"))} for r in rows]
+
+
+def _tree(root):
+    return sorted(os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files)
 
 
 def test_resume_matches_uninterrupted_run(random_rm, tmp_path):
@@ -155,8 +162,24 @@ def test_resume_matches_uninterrupted_run(random_rm, tmp_path):
         assert os.path.exists(os.path.join(straight, name)), name
     sample = json.loads(open(os.path.join(straight, "samples.jsonl")).readline())
     assert {"query", "response", "score", "kl", "total"} <= set(sample)
-    # The sampling CLI's library path: the trained policy at the training temperature.
+    # A resume with another batch size is refused, naming the field, before anything runs
+    # (it used to run silently and jump elapsed/episodes).
+    cfg.ppo.batch_size = 32
+    with pytest.raises(record.ConfigChangedError, match=r"--config\.ppo\.batch_size: 16 "
+                                                         r"recorded, 32 now"):
+        train_policy.train_policy(cfg, resumed)
+    history = [json.loads(line) for line in open(os.path.join(resumed, record.HISTORY_FILE))]
+    assert [(h["event"], h["step"]) for h in history] == [("start", None), ("resume", 2),
+                                                          ("resume", 4)]
+    assert json.load(open(os.path.join(resumed, "config.json")))["stop_after"] == 2  # as started
+    # The sampling CLI's library path: the trained policy at the training temperature. It only
+    # reads: a save in progress of a live run (orbax's temporary directory) survives it.
+    ckpt_dir = os.path.join(straight, "checkpoints")
+    shutil.copytree(os.path.join(ckpt_dir, "4"), os.path.join(ckpt_dir,
+                                                              "5.orbax-checkpoint-tmp-1712345678"))
+    before = {p: os.stat(p).st_mtime_ns for p in _tree(straight)}
     params, step = sample_lib.load_policy(straight)
+    assert {p: os.stat(p).st_mtime_ns for p in _tree(straight)} == before
     assert step == 4
     texts = sources.load_texts("builtin", "test")[:3] + ["no full stop here"]
     rows = sample_lib.sample_texts(sample_lib.load_run_config(straight), params, texts,
@@ -177,7 +200,7 @@ def test_separate_value_network_from_reward_model(random_rm, tmp_path):
 def test_bad_input(random_rm, tmp_path):
     cfg = tiny_config()
     cfg.rewards.trained_model = str(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="rewards.trained_model=.*does not exist"):
+    with pytest.raises(ValueError, match="rewards.trained_model=.*does not exist"):
         train_policy.train_policy(cfg, str(tmp_path / "a"))
     cfg = tiny_config(batch_size=12)
     with pytest.raises(ValueError, match="ppo.batch_size=12 is not divisible by the 8 devices"):
@@ -199,15 +222,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(random_rm, tmp_pat
     cfg = tiny_config(lr=1e30, noptepochs=1)  # iteration 1 reports pre-update (finite) stats
     cfg.rewards.trained_model = random_rm
     workdir = str(tmp_path / "nan")
-    with pytest.raises(train_policy.NonFiniteLossError, match="non-finite"):
+    with pytest.raises(train_policy.NonFiniteLossError, match="non-finite") as err:
         train_policy.train_policy(cfg, workdir)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
-    step = ckpt.latest_step()
-    assert step is not None
-    _, meta = ckpt.restore(step)
-    assert meta["value_model"] == "shared"
+    bad = err.value.step
+    assert f"train_policy: non-finite {', '.join(err.value.quantities)} at step {bad}" in str(
+        err.value)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                                      read_only=True)
+    assert ckpt.all_steps() == list(range(1, bad))[-3:]  # ckpt_keep=3 finite states
+    for step in ckpt.all_steps():
+        state, meta = ckpt.restore(step)
+        assert meta["value_model"] == "shared"
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     rows = _rows(workdir)
-    assert all(np.isfinite(r["ppo/loss/total"]) for r in rows)
+    assert rows and all(np.isfinite(r["ppo/loss/total"]) and r["step"] < bad for r in rows)
 
 
 def test_mask_after_stop_ignores_everything_after_the_stop_token(random_rm):
@@ -233,8 +261,8 @@ def test_mask_after_stop_ignores_everything_after_the_stop_token(random_rm):
         for key in ("logprobs", "values", "rewards"):
             poisoned[key][after] = rng.normal(size=after.sum()) * 100
         copy = jax.tree.map(jnp.copy, state)
-        new, train_stats = fns.update(state, data, jax.random.key(1))
-        new_poisoned, stats_poisoned = fns.update(copy, poisoned, jax.random.key(1))
+        new, train_stats, _ = fns.update(state, data, jax.random.key(1))
+        new_poisoned, stats_poisoned, _ = fns.update(copy, poisoned, jax.random.key(1))
     for k in train_stats:
         np.testing.assert_allclose(float(train_stats[k]), float(stats_poisoned[k]), rtol=1e-5,
                                    err_msg=k)

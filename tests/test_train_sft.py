@@ -225,13 +225,21 @@ def summarize_config(**sft):
 def test_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     train_sft.train_sft(summarize_config(), whole)
-    cfg = summarize_config()
-    cfg.stop_after = 2
+    cfg = summarize_config(ckpt_every=1)  # checkpoint cadence may change on resume
+    cfg.stop_after = 3
     with pytest.raises(SystemExit) as stopped:
         train_sft.train_sft(cfg, parts)
     assert stopped.value.code == train_sft.EXIT_STOPPED
     assert not os.path.exists(os.path.join(parts, "hf_model"))
+    # The newest checkpoint (3) is damaged: the resume names it, sets it aside and goes on
+    # from step 2 to the same end.
+    state_dir = os.path.join(parts, "checkpoints", "3", "state")
+    data = max((os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs
+                if os.path.basename(d) == "d"), key=os.path.getsize)
+    os.truncate(data, os.path.getsize(data) // 2)
     train_sft.train_sft(summarize_config(), parts)
+    assert [n.split("-")[0] for n in os.listdir(os.path.join(parts, "checkpoints", "corrupt"))] == [
+        "3"]
     a, b = rows(os.path.join(whole, "metrics.jsonl")), rows(os.path.join(parts, "metrics.jsonl"))
     assert [r["step"] for r in a] == [1, 2, 3, 4] == [r["step"] for r in b]
     for x, y in zip(a, b):

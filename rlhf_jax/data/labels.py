@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
-from rlhf_jax.data.sources import read_text
+from rlhf_jax import runtime
+from rlhf_jax.data.sources import SourceError, read_text
 from rlhf_jax.label_types import LabelType, get_label_type
 
 GPT2_PAD_ID = 50259
@@ -64,6 +63,8 @@ def load_labels(
         records = json.loads(read_text(name))
     except json.JSONDecodeError as e:
         raise LabelFileError(f"{name}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    except SourceError as e:  # not UTF-8 text (a binary file)
+        raise LabelFileError(str(e)) from e
     return records_to_arrays(
         records,
         label_type,
@@ -228,8 +229,8 @@ def save_labels(path: str, labels: Mapping[str, np.ndarray]) -> None:
     """Writes labels in the released JSON format, atomically.
 
     Local files are written to a temporary file in the same directory and moved into place
-    with `os.replace`, so a reader never sees a half-written file. `gs://` paths go through
-    etils.epath (a GCS object upload is atomic by itself).
+    with `os.replace` (`runtime.atomic_write_text`, with the user's umask), so a reader never
+    sees a half-written file. `gs://` paths are one object upload, atomic by itself.
 
     Args:
         path: destination path.
@@ -240,22 +241,7 @@ def save_labels(path: str, labels: Mapping[str, np.ndarray]) -> None:
     records = [{k: col[i] for k, col in columns.items()} for i in range(n)]
     # allow_nan=False: a NaN label would be written as the non-standard token NaN.
     text = json.dumps(records, allow_nan=False, separators=(",", ":"))
-    path = str(path)
-    if path.startswith("gs://"):
-        from etils import epath
-
-        epath.Path(path).write_text(text)
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    runtime.atomic_write_text(str(path), text)
 
 
 def zero_labels(

@@ -47,12 +47,13 @@ def read_text(path: str) -> str:
     Raises:
         ImportError: for `gs://` when no GCS backend is installed (says what to install).
         OSError: when the file cannot be read (the message names it).
+        SourceError: when the contents are not UTF-8 text (a binary file), naming it.
     """
     path = str(path)
     if path.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(path, timeout=HTTP_TIMEOUT_S) as response:
-                return response.read().decode("utf-8")
+                return _decode(response.read(), path)
         except urllib.error.HTTPError as e:
             raise OSError(f"cannot download {path}: HTTP {e.code} {e.reason}") from e
         except urllib.error.URLError as e:
@@ -61,8 +62,16 @@ def read_text(path: str) -> str:
         return _read_gcs(path)
     if path.startswith("file://"):
         path = path[len("file://") :]
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    with open(path, "rb") as f:
+        return _decode(f.read(), path)
+
+
+def _decode(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); expected a text or JSON file") from None
 
 
 def _gcs_missing(path: str, cause: Exception) -> ImportError:
@@ -81,6 +90,9 @@ def _read_gcs(path: str) -> str:
         return epath.Path(path).read_text(encoding="utf-8")
     except ImportError as e:  # etils raises this lazily when gcsfs/tensorflow are absent
         raise _gcs_missing(path, e) from e
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 text (offset {e.start}); expected a text or "
+                          "JSON file") from None
 
 
 def load_texts(
@@ -118,6 +130,28 @@ def load_texts(
     if fmt == "text":
         return [line for line in read_text(path).splitlines() if line.strip()]
     raise SourceError(f"unknown text format {fmt!r} for {path}: expected 'jsonl' or 'text'")
+
+
+def utf8_lines(binary_lines: Iterable[bytes], name: str,
+               error: type[Exception] = SourceError) -> Iterator[str]:
+    """Decodes the lines of a file opened in binary mode, naming the file and line of bytes
+    that are not UTF-8 (a binary file given by mistake), which `open(..., encoding=...)` would
+    report without either.
+
+    Args:
+        binary_lines: the file's lines as bytes (a file opened with "rb").
+        name: the file name, for error messages.
+        error: the exception class to raise.
+
+    Yields:
+        Each line as text.
+    """
+    for lineno, raw in enumerate(binary_lines, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise error(f"{name}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                        "expected JSON lines") from None
 
 
 def json_values(lines: Iterable[str], name: str,

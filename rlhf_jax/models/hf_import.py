@@ -21,6 +21,7 @@ import tempfile
 
 import numpy as np
 
+from rlhf_jax import runtime
 from rlhf_jax.models.gpt2 import GPT2Config
 
 CONFIG_FILE = "config.json"
@@ -109,6 +110,17 @@ def _resolve_dir(name_or_dir: str) -> str:
         ) from e
 
 
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Reads a safetensors file; a bad header or truncated data names the file."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -131,19 +143,19 @@ def load_hf_checkpoint(name_or_dir: str, expected: GPT2Config | None = None, **o
         CheckpointFormatError: on missing files, missing tensors or shape mismatches; the message
             names the file and tensor.
     """
-    from safetensors.numpy import load_file
-
     ckpt_dir = _resolve_dir(name_or_dir)
     cfg_path = os.path.join(ckpt_dir, CONFIG_FILE)
     weights_path = os.path.join(ckpt_dir, WEIGHTS_FILE)
     for p in (cfg_path, weights_path):
         if not os.path.isfile(p):
             raise CheckpointFormatError(f"{p}: missing file (need {CONFIG_FILE} and {WEIGHTS_FILE})")
-    with open(cfg_path) as f:
+    with open(cfg_path, "rb") as f:
         try:
-            hf_cfg = json.load(f)
-        except json.JSONDecodeError as e:
+            hf_cfg = json.loads(f.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointFormatError(f"{cfg_path}: not valid JSON: {e}") from e
+    if not isinstance(hf_cfg, dict):
+        raise CheckpointFormatError(f"{cfg_path}: expected a JSON object")
     cfg = config_from_hf(hf_cfg, cfg_path, **overrides)
     if expected is not None:
         for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -152,7 +164,7 @@ def load_hf_checkpoint(name_or_dir: str, expected: GPT2Config | None = None, **o
                     f"{cfg_path}: {field}={getattr(cfg, field)} but the run's config expects "
                     f"{field}={getattr(expected, field)}"
                 )
-    tensors = load_file(weights_path)
+    tensors = _load_safetensors(weights_path)
     # Hub checkpoints name tensors "h.0...."; GPT2LMHeadModel.save_pretrained uses "transformer.h.0....".
     stripped = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     shapes = _expected_shapes(cfg)
@@ -175,7 +187,7 @@ def load_hf_checkpoint(name_or_dir: str, expected: GPT2Config | None = None, **o
     params = {"transformer": trunk}
     heads_path = os.path.join(ckpt_dir, HEADS_FILE)
     if os.path.isfile(heads_path):
-        for name, arr in load_file(heads_path).items():
+        for name, arr in _load_safetensors(heads_path).items():
             _set(params, tuple(name.split(".")), np.asarray(arr, np.float32))
     return cfg, params
 
@@ -236,6 +248,9 @@ def save_hf_checkpoint(params, config: GPT2Config, out_dir: str) -> None:
         heads = {k: v for k, v in params.items() if k != "transformer"}
         if heads:
             save_file(_flatten(heads), os.path.join(tmp, HEADS_FILE))
+        # mkdtemp and safetensors create 0700 / 0600: give everything the user's usual modes.
+        for name in [tmp, *(os.path.join(tmp, f) for f in os.listdir(tmp))]:
+            runtime.apply_umask(name)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
