@@ -10,7 +10,10 @@ The topology names a TPU generation and its chip grid ("v3:2x2" is a v3-8, "v4:2
 and lowered on abstract inputs (no weights are read, `config.model.checkpoint` is ignored):
 
 - `to_rollout`: the policy resharded to replicated for sampling;
-- `rollout`: sampling with the KV cache, reference log-probs, reward scores, KL rewards;
+- the rollout stages (`--programs=rollout` for all of them): `prefill` (contexts through the
+  policy, KV cache filled), `decode` (the sampling loop), `value` (a separate value network
+  only), `reference` (reference log-probs), `reward` (reward scores with the penalty),
+  `finish` (KL rewards and statistics);
 - `update`: `noptepochs` x `nminibatches` PPO steps on the donated train state;
 - `reward_train`, `reward_sample`: one reward-model step, and the reward stage's sampling of
   `rewards.rollout_batch_size` responses (for normalisation) from the FSDP-sharded trunk.
@@ -50,9 +53,12 @@ from rlhf_jax import experiment, flops, label_types, models, ppo_trainer, shardi
 from rlhf_jax.data import tasks
 
 GIB = flops.GIB
-PPO_PROGRAMS = ("to_rollout", "rollout", "update")
+ROLLOUT_PROGRAMS = ("prefill", "decode", "value", "reference", "reward", "finish")
+PPO_PROGRAMS = ("to_rollout",) + ROLLOUT_PROGRAMS + ("update",)
 REWARD_PROGRAMS = ("reward_train", "reward_sample")
 ALL_PROGRAMS = PPO_PROGRAMS + REWARD_PROGRAMS
+# Names that stand for several programs in `--programs`.
+PROGRAM_GROUPS = {"rollout": ROLLOUT_PROGRAMS, "ppo": PPO_PROGRAMS}
 
 LIBTPU_MISSING = (
     "compiling for a TPU topology needs libtpu, which is not installed: run `pip install "
@@ -172,6 +178,10 @@ def usable_hbm_bytes(devices: Sequence) -> int | None:
     compile with a message naming the available HBM. Falls back to `flops.DEVICE_SPECS`.
     """
     kind = devices[0].device_kind
+    if devices[0].platform == "gpu":
+        stats = devices[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
     if devices[0].platform == "tpu":
         mesh = jax.sharding.Mesh(list(devices), ("d",))
         out = NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
@@ -376,57 +386,81 @@ def build_ppo(config: ml_collections.ConfigDict, mesh, rules,
 
     Resident bytes follow `train_policy.train_policy`: the train state (params, Adam slots) and
     the frozen reference and reward params live throughout; the replicated rollout copy of the
-    policy and the rollout's outputs stay referenced until the next iteration reassigns them
-    (those are the "freeable" bytes).
+    policy lives from `to_rollout` to the end of the rollout, and each rollout stage's outputs
+    until the update has consumed them (train_policy drops them at the end of an iteration).
     """
     p = config.ppo
-    ppo_trainer.check_ppo_config(p, mesh)
-    settings = ppo_trainer.PPOSettings.from_config(p)
+    micro = config.model.get("micro_batch_size", 0)
+    ppo_trainer.check_ppo_config(p, mesh, micro)
+    settings = ppo_trainer.PPOSettings.from_config(p, micro)
     gpt_cfg = experiment.gpt2_config(config)
     # The reward model (and a separate value network) are trained from the same initial model.
     rm_cfg = gpt_cfg
     num_updates = math.ceil(p.total_episodes / p.batch_size)
     tx = ppo_trainer.make_optimizer(p, num_updates)
     layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
-    to_rollout = layout.to_rollout()
     fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
+    return ppo_programs(fns, layout.to_rollout(), layout, rm_cfg, mesh, rules, spec)
 
-    repl = sharding.replicated(mesh)
+
+def ppo_programs(fns: ppo_trainer.PPOFunctions, to_rollout, layout: ppo_trainer.PPOLayout,
+                 rm_cfg: models.GPT2Config, mesh, rules, spec: tasks.TaskSpec) -> list[_Pending]:
+    """Every PPO program (`PPO_PROGRAMS`) with abstract arguments and resident bytes.
+
+    Each stage's inputs are the previous stages' outputs: their shapes come from tracing (no
+    compiling needed) and their shardings from `PPOFunctions`, which pins them.
+    """
+    repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    rows = lambda tree: _abstract(tree, jax.tree.map(  # noqa: E731
+        lambda a: batch if a.ndim else repl, tree))
     state = _abstract(layout.abstract_state, layout.state)
     trainable = layout.abstract_trainable
     ref = _abstract({"transformer": trainable["policy"]["transformer"]}, layout.ref)
     rm = _abstract(jax.eval_shape(lambda: models.init_params(rm_cfg, jax.random.key(0),
                                                              ("reward",))), layout.reward)
-    policy = state["params"]["policy"]
-    value = state["params"].get("value")
-    rollout_policy = _abstract(trainable["policy"], layout.rollout)
-    queries = jax.ShapeDtypeStruct((p.batch_size, spec.query_length), jnp.int32,
-                                   sharding=sharding.batch_sharding(mesh))
-    kl_coef = jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)
+    policy, value = state["params"]["policy"], state["params"].get("value")
+    copy = _abstract(trainable["policy"], layout.rollout)
+    queries = jax.ShapeDtypeStruct((fns.s.batch_size, spec.query_length), jnp.int32,
+                                   sharding=batch)
+    kl_coef, key = jax.ShapeDtypeStruct((), jnp.float32, sharding=repl), _key(mesh)
 
-    rollout_args = (rollout_policy, value, ref, rm, queries, kl_coef, _key(mesh))
-    # The update's inputs are the rollout's outputs. Their shapes come from tracing (no need to
-    # compile the rollout first); `_rollout` constrains `data` to the batch sharding, and the
-    # other outputs are per-rollout arrays or scalar statistics.
     with sharding.mesh_context(mesh, rules):
-        outputs = jax.eval_shape(fns.rollout, *rollout_args)
-    outputs = _abstract(outputs, jax.tree.map(
-        lambda a: sharding.batch_sharding(mesh) if a.ndim else repl, outputs))
-    data = outputs[0]
+        st = jax.eval_shape(fns.prefill, copy, queries, key)
+        st = _abstract(st, fns.sampler_state_shardings(st))
+        cache = st.pop("cache")
+        samples = rows(jax.eval_shape(fns.decode, copy, cache, st, key)[0])
+        responses = samples["responses"]
+        values = rows(jax.eval_shape(fns.value, value, queries, responses)) if value else None
+        ref_lp = rows(jax.eval_shape(fns.reference, ref, queries, responses))
+        scored = rows(jax.eval_shape(fns.score, rm, queries, responses))
+        full = dict(samples, values=values) if value else samples
+        outputs = rows(jax.eval_shape(fns.finish, queries, full, ref_lp, scored, kl_coef))
 
-    state_b, ref_b, rm_b = device_bytes(state), device_bytes(ref), device_bytes(rm)
-    copy_b, out_b = device_bytes(rollout_policy), device_bytes(outputs)
-    value_b = device_bytes(value) if value is not None else 0
-    policy_b = device_bytes(policy)
-    return [
-        # The previous iteration's rollout copy and outputs are still referenced here.
-        _Pending("to_rollout", to_rollout, (policy,),
-                 state_b - policy_b + ref_b + rm_b + copy_b + out_b, freeable=copy_b + out_b),
-        _Pending("rollout", fns.rollout, rollout_args, state_b - value_b + out_b,
-                 freeable=out_b),
-        _Pending("update", fns.update, (state, data, _key(mesh)),
-                 ref_b + rm_b + copy_b + out_b - device_bytes(data), freeable=copy_b),
+    b = device_bytes
+    state_b, ref_b, rm_b, copy_b = b(state), b(ref), b(rm), b(copy)
+    value_b = b(value) if value is not None else 0
+    samples_b = b(samples) + (b(values) if value else 0)
+    base = state_b + ref_b + rm_b  # held throughout the rollout
+    programs = [
+        _Pending("to_rollout", to_rollout, (policy,), base - b(policy)),
+        _Pending("prefill", fns.prefill, (copy, queries, key), base),
+        _Pending("decode", fns.decode, (copy, cache, st, key), base),
     ]
+    if value:
+        programs.append(_Pending("value", fns.value, (value, queries, responses),
+                                 base - value_b + copy_b + b(samples)))
+    programs += [
+        _Pending("reference", fns.reference, (ref, queries, responses),
+                 base - ref_b + copy_b + samples_b),
+        _Pending("reward", fns.score, (rm, queries, responses),
+                 base - rm_b + copy_b + samples_b + b(ref_lp)),
+        _Pending("finish", fns.finish, (queries, full, ref_lp, scored, kl_coef),
+                 base + copy_b),
+        # train_policy drops the rollout copy of the policy before the update.
+        _Pending("update", fns.update, (state, outputs[0], key),
+                 ref_b + rm_b + b(outputs) - b(outputs[0])),
+    ]
+    return programs
 
 
 def _reward_setup(config, mesh, rules, spec, gpt_cfg):
@@ -479,7 +513,8 @@ def build_reward(config: ml_collections.ConfigDict, mesh, rules,
     ]
 
 
-def _compile(pending: _Pending, mesh, rules) -> ProgramReport:
+def compile_program(pending: _Pending, mesh, rules) -> tuple[ProgramReport, Any]:
+    """Compiles one program; returns its report and the compiled executable (None on OOM)."""
     t0 = time.time()
     report = ProgramReport(pending.name, resident_bytes=pending.resident,
                            freeable_bytes=pending.freeable)
@@ -492,23 +527,79 @@ def _compile(pending: _Pending, mesh, rules) -> ProgramReport:
             raise
         report.oom_bytes = parsed[0]
         report.compile_seconds = time.time() - t0
-        return report
+        return report, None
     report.compile_seconds = time.time() - t0
     mem = compiled.memory_analysis()
-    report.argument_bytes = int(mem.argument_size_in_bytes)
-    report.output_bytes = int(mem.output_size_in_bytes)
-    report.alias_bytes = int(mem.alias_size_in_bytes)
-    report.temp_bytes = int(mem.temp_size_in_bytes)
+    if mem is not None:
+        report.argument_bytes = int(mem.argument_size_in_bytes)
+        report.output_bytes = int(mem.output_size_in_bytes)
+        report.alias_bytes = int(mem.alias_size_in_bytes)
+        report.temp_bytes = int(mem.temp_size_in_bytes)
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per partition
         cost = cost[0] if cost else {}
     report.flops = float((cost or {}).get("flops", 0.0))
-    return report
+    return report, compiled
+
+
+# Program name -> the PPOFunctions attribute that runs it.
+_STAGE_ATTRS = {"prefill": "prefill", "decode": "decode", "value": "value",
+                "reference": "reference", "reward": "score", "finish": "finish",
+                "update": "update"}
+
+
+def compile_ppo(fns: ppo_trainer.PPOFunctions, to_rollout, programs: list[_Pending], mesh,
+                rules, log=None) -> tuple[list[ProgramReport], Any]:
+    """Compiles the PPO programs ahead of time and makes `fns` run the compiled executables.
+
+    For benchmarks and the device check: the compile time and memory of each program are
+    measured apart from running it, and nothing compiles again later.
+
+    Args:
+        fns: the PPOFunctions the programs were built from (`ppo_programs`).
+        to_rollout: its reshard function.
+        programs: `ppo_programs(...)`.
+        mesh, rules: the mesh and sharding rules.
+        log: optional callable taking a progress line.
+
+    Returns:
+        (the reports in program order, the compiled `to_rollout`); a program the compiler
+        refused for memory has `oom_bytes` set and stays uncompiled.
+    """
+    reports, compiled_to_rollout = [], to_rollout
+    for pending in programs:
+        if log:
+            log(f"compiling {pending.name} ...")
+        report, exe = compile_program(pending, mesh, rules)
+        reports.append(report)
+        if exe is None:
+            continue
+        if pending.name == "to_rollout":
+            compiled_to_rollout = exe
+        else:
+            setattr(fns, _STAGE_ATTRS[pending.name], exe)
+    return reports, compiled_to_rollout
 
 
 def analytic_flops(config: ml_collections.ConfigDict, spec: tasks.TaskSpec) -> dict[str, float]:
     """`flops.ppo_iteration_flops` for a config."""
     return flops.ppo_config_flops(experiment.gpt2_config(config), config.ppo, spec)
+
+
+def expand_programs(programs: Sequence[str]) -> tuple[str, ...]:
+    """Program names with groups ("rollout", "ppo") expanded.
+
+    Raises:
+        ValueError: on a name that is neither a program nor a group.
+    """
+    out = []
+    for name in programs:
+        out += PROGRAM_GROUPS.get(name, (name,))
+    unknown = sorted(set(out) - set(ALL_PROGRAMS))
+    if unknown:
+        raise ValueError(f"unknown programs {unknown}; known: {', '.join(ALL_PROGRAMS)} (groups: "
+                         f"{', '.join(PROGRAM_GROUPS)})")
+    return tuple(out)
 
 
 def run_check(config: ml_collections.ConfigDict, topology: str,
@@ -521,7 +612,7 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
         topology: a TPU topology ("v5e:2x4"); "cpu" for this machine's CPU devices (no libtpu
             needed; the memory limit is then only what `hbm_bytes` says); or "local" for
             `jax.devices()`, e.g. on a TPU VM before a run starts.
-        programs: which of ALL_PROGRAMS to compile.
+        programs: which of ALL_PROGRAMS (or PROGRAM_GROUPS) to compile.
         hbm_bytes: overrides the per-device memory limit (e.g. to keep headroom).
         log: called with a line of progress per compiled program.
 
@@ -533,9 +624,7 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
         LibtpuMissingError: libtpu is missing.
         ValueError: a batch size the mesh does not divide, or another bad config field.
     """
-    unknown = set(programs) - set(ALL_PROGRAMS)
-    if unknown:
-        raise ValueError(f"unknown programs {sorted(unknown)}; known: {', '.join(ALL_PROGRAMS)}")
+    programs = expand_programs(programs)
     if topology == "cpu":
         devices = jax.devices("cpu")
     elif topology == "local":
@@ -558,7 +647,7 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
         if program.name not in programs:
             continue
         log(f"compiling {program.name} ...")
-        reports.append(_compile(program, mesh, rules))
+        reports.append(compile_program(program, mesh, rules)[0])
         log(f"  {program.name}: {reports[-1].total_bytes / GIB:.2f} GiB per device "
             f"({reports[-1].compile_seconds:.0f}s)")
     return Report(

@@ -233,6 +233,30 @@ def ppo_loss(
     return total_loss, stats
 
 
+def pool_chunk_stats(stats: dict[str, jax.Array], returns: jax.Array,
+                     old_values: jax.Array) -> dict[str, jax.Array]:
+    """`ppo_loss` statistics of a minibatch from those of its equal-size chunks.
+
+    Micro-batching computes `ppo_loss` per chunk and averages the statistics over the chunks.
+    Every statistic is an (unmasked) mean, so the average is the minibatch's value, except the
+    two variances: they are recomputed here over the whole minibatch (they do not depend on
+    the params), and the explained variance with them.
+
+    Args:
+        stats: chunk-averaged statistics from `ppo_loss` (mask None).
+        returns: [B, L] the minibatch's value targets.
+        old_values: [B, L] its sampling-time values.
+
+    Returns:
+        The minibatch's statistics.
+    """
+    out = dict(stats)
+    out["ppo/returns/var"] = _var(returns, None)
+    out["ppo/val/var"] = _var(old_values, None)
+    out["ppo/val/var_explained"] = 1.0 - out["ppo/val/error"] / out["ppo/returns/var"]
+    return out
+
+
 def rollout_stats(
     scores: jax.Array,
     logprobs: jax.Array,

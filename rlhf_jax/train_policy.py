@@ -36,6 +36,7 @@ from ml_collections import config_flags
 
 from rlhf_jax import (
     checkpointing,
+    compile_cache,
     experiment,
     flops,
     kl_control,
@@ -74,8 +75,10 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs PPO to `ppo.total_episodes`; returns the last iteration's metrics."""
     p = config.ppo
     mesh, rules = experiment.mesh_and_rules(config)
-    ppo_trainer.check_ppo_config(p, mesh)
-    settings = ppo_trainer.PPOSettings.from_config(p)
+    micro = config.model.get("micro_batch_size", 0)
+    ppo_trainer.check_ppo_config(p, mesh, micro)
+    settings = ppo_trainer.PPOSettings.from_config(p, micro)
+    compile_cache.enable_from_config(config)
     if config.rewards.trained_model and not os.path.isdir(config.rewards.trained_model):
         raise FileNotFoundError(
             f"rewards.trained_model={config.rewards.trained_model!r} does not exist")
@@ -147,11 +150,17 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
             queries = sharding.host_batch_to_global(local, mesh)
             policy = to_rollout(state["params"]["policy"])
             value_params = state["params"].get("value")
+            timings = {}
             data, stats, extras = fns.rollout(policy, value_params, ref_params, rm_params,
                                               queries, state["kl_coef"],
-                                              jax.random.fold_in(rng_sample, it))
+                                              jax.random.fold_in(rng_sample, it), timings)
+            del policy  # the replicated copy: not needed by the update (aot_check counts so)
+            t_update = time.time()
             state, train_stats = fns.update(state, data, jax.random.fold_in(rng_shuffle, it))
             stats = {k: float(v) for k, v in jax.device_get({**stats, **train_stats}).items()}
+            # Wall seconds per stage (the first iteration's include compiling).
+            stats |= {f"time/rollout/{k}": v for k, v in timings.items()}
+            stats |= {"time/rollout": sum(timings.values()), "time/update": time.time() - t_update}
             bad = [k for k in ("ppo/loss/total", "objective/score") if not np.isfinite(stats[k])]
             if bad:
                 raise NonFiniteLossError(
@@ -176,6 +185,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 stop.request(f"stop_after={config.stop_after}")
             final = {"final": stats} if done == num_updates else {}
             ckpt.save(done, state, run_meta | final, force=stop.requested or done == num_updates)
+            del data, extras  # free this iteration's rollout before the next one starts
             if stop.requested:
                 ckpt.wait_until_finished()
                 logger.warning("stopped at iteration %d on %s; rerun to resume", done, stop.reason)

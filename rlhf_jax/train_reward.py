@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from rlhf_jax import (
     checkpointing,
+    compile_cache,
     experiment,
     flops,
     label_types,
@@ -245,6 +246,7 @@ def save_reward_model(workdir: str, params, gpt_cfg: models.GPT2Config, spec: ta
 def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, normalises and saves a reward model; returns the final metrics."""
     setup = RewardSetup(config)  # every input is validated before any compute
+    compile_cache.enable_from_config(config)
     experiment.ensure_workdir(workdir)
     trainer = RewardTrainer(setup)
     r = config.rewards

@@ -45,7 +45,8 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, experiment, flops, labelers, metrics as metrics_lib, models
+from rlhf_jax import checkpointing, compile_cache, experiment, flops, labelers, models
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import optim, runtime, sampling, sharding
 from rlhf_jax.data import summarization, tasks
 from rlhf_jax.models import hf_import
@@ -377,6 +378,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     same workdir resumes, and returns at once when the run is already done.
     """
     setup = SFTSetup(config)  # every input is validated before any compute
+    compile_cache.enable_from_config(config)
     experiment.ensure_workdir(workdir)
     trainer = SFTTrainer(setup)
     s = config.sft
