@@ -216,3 +216,20 @@ def test_compiles_tiny_config_for_v5e_2x2():
     assert report.fits and report.peak_bytes < GIB
     assert all(p.flops > 0 and p.oom_bytes is None for p in report.programs)
     assert "fits: yes" in aot_check.format_report(report)
+
+
+def test_large_presets_default_to_bfloat16_with_remat_and_dtype_is_validated():
+    """What makes `aot_check --config configs/sentiment.py:model=774M --topology v5e:2x4` fit
+    as written (docs/tpu_memory.md): bfloat16 matmuls and remat are the 774M/1.5B defaults."""
+    from rlhf_jax import experiment
+
+    for name in ("sentiment", "tldr"):
+        for size, dtype, remat in (("124M", "float32", False), ("774M", "bfloat16", True),
+                                   ("1.5B", "bfloat16", True)):
+            m = load_config(f"model={size}", name).model
+            assert (m.dtype, m.remat, m.micro_batch_size) == (dtype, remat, 0), (name, size)
+    config = load_config()
+    config.model.dtype = "float16"
+    with pytest.raises(ValueError, match=r"--config.model.dtype='float16': expected one of "
+                                         r"float32, bfloat16"):
+        experiment.gpt2_config(config)

@@ -56,7 +56,8 @@ def _functions(cfg, mesh, rm_dir, max_traces=None):
     gpt_cfg = experiment.gpt2_config(cfg)
     tok = experiment.tokenizer(cfg)
     spec = experiment.task_spec(cfg, tok, gpt_cfg)
-    settings = ppo_trainer.PPOSettings.from_config(cfg.ppo)
+    ppo_trainer.check_ppo_config(cfg.ppo, mesh, cfg.model.micro_batch_size)
+    settings = ppo_trainer.PPOSettings.from_config(cfg.ppo, cfg.model.micro_batch_size)
     rm, rm_cfg, _ = train_reward.load_reward_model(rm_dir, mesh, rules, expected_spec=spec)
     tx = ppo_trainer.make_optimizer(cfg.ppo, 4)
     layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
@@ -90,6 +91,9 @@ def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
             if it == 0:
                 _, first = jax.jit(fns.minibatch_loss)(state["params"], data)
                 assert float(first["ppo/policy/approxkl"]) < 1e-10
+                check = fns.alignment(state["params"], data)
+                assert float(check["max_abs_logratio"]) < 1e-4
+                assert float(check["max_abs_value_diff"]) < 1e-5
                 assert float(first["ppo/policy/clipfrac"]) == 0.0
                 assert float(first["ppo/val/clipfrac"]) == 0.0
                 # Invalid responses (no '.' at index >= 16) score exactly the penalty.
@@ -98,6 +102,58 @@ def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
             state, train_stats = fns.update(state, data, jax.random.key(100 + it))
             assert np.isfinite(float(train_stats["ppo/loss/total"]))
     assert int(state["step"]) == 3
+
+
+def test_first_minibatch_ratio_is_one_in_bfloat16(random_rm):
+    """model.dtype=bfloat16: the sampler (KV-cache decode) and the training forward (fused
+    attention, full sequence) round at the same points, so on the first minibatch the ratio is
+    1 within |log-ratio| < 1e-3 and approxkl < 1e-6 (float32 above: < 1e-4 and < 1e-10)."""
+    cfg = tiny_config()
+    cfg.model.dtype = "bfloat16"
+    mesh = sharding.make_mesh()
+    fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
+    with sharding.mesh_context(mesh, rules):
+        queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
+        data, _, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm, queries,
+                                 state["kl_coef"], jax.random.key(0))
+        check = jax.device_get(fns.alignment(state["params"], data))
+        _, first = jax.jit(fns.minibatch_loss)(state["params"], data)
+    assert check["max_abs_logratio"] < 1e-3 and check["approxkl"] < 1e-6, check
+    assert check["max_abs_value_diff"] < 1e-3, check
+    assert float(first["ppo/policy/clipfrac"]) == 0.0 and float(first["ppo/val/clipfrac"]) == 0.0
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["opt_state"])
+               if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+@require_devices(8)
+def test_micro_batches_equal_the_unsplit_iteration(random_rm):
+    """model.micro_batch_size=8 of 16 rows on 8 devices: the staged rollout (2 chunks per
+    stage) gives the same samples, and the accumulated update the same params and stats."""
+    mesh = sharding.make_mesh()
+    results = []
+    data0 = None
+    for micro in (0, 8):
+        cfg = tiny_config()
+        cfg.model.micro_batch_size = micro
+        fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
+        assert fns.s.update_chunks == (2 if micro else 1)
+        with sharding.mesh_context(mesh, rules):
+            queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
+            data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
+                                         queries, state["kl_coef"], jax.random.key(0))
+            data0 = data if data0 is None else data0
+            state, train_stats = fns.update(state, data0, jax.random.key(1))
+        results.append(jax.device_get((data, stats, train_stats, state["params"])))
+    (d0, s0, t0, p0), (d1, s1, t1, p1) = results
+    np.testing.assert_array_equal(d0["responses"], d1["responses"])
+    for k in d0:
+        np.testing.assert_allclose(d0[k], d1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for k in s0:
+        np.testing.assert_allclose(s0[k], s1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in t0:
+        np.testing.assert_allclose(t0[k], t1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @require_devices(8)
@@ -188,6 +244,12 @@ def test_bad_input(random_rm, tmp_path):
     cfg = tiny_config(whiten_groups=4)
     with pytest.raises(ValueError, match="needs >= 8 rollouts per whitening group"):
         train_policy.train_policy(cfg, str(tmp_path / "d"))
+    for micro, match in ((12, "micro_batch_size=12 does not divide the PPO minibatch"),
+                         (4, "micro_batch_size=4 is not divisible by the 8 devices")):
+        cfg = tiny_config()
+        cfg.model.micro_batch_size = micro
+        with pytest.raises(ValueError, match=f"--config.model.{match}"):
+            train_policy.train_policy(cfg, str(tmp_path / f"m{micro}"))
     cfg = tiny_config()
     cfg.rewards.trained_model = random_rm
     cfg.task.truncate_after = 10
