@@ -106,7 +106,8 @@ def setup_jax(args, config, policy_params, rm_params, queries_list):
     import jax.numpy as jnp
     import numpy as np
 
-    from rlhf_jax import aot_check, ppo_trainer, sharding
+    from rlhf_jax import ppo_trainer, sharding
+    from rlhf_jax import programs as programs_lib
 
     p = ppo_config(args)
     spec = task_spec(args, config)
@@ -134,9 +135,9 @@ def setup_jax(args, config, policy_params, rm_params, queries_list):
     jax.block_until_ready((box, ref, rm, queries))
 
     # Every program compiled ahead of time, as train_policy runs them (timed apart).
-    programs = aot_check.ppo_programs(fns, lay.to_rollout(), lay, config, mesh, rules, spec)
+    programs = programs_lib.ppo_programs(fns, lay.to_rollout(), lay, config, mesh, rules, spec)
     t0 = time.perf_counter()
-    reports, to_rollout = aot_check.compile_ppo(fns, lay.to_rollout(), programs, mesh, rules)
+    reports, to_rollout = programs_lib.compile_ppo(fns, lay.to_rollout(), programs, mesh, rules)
     info = {"compile_s": time.perf_counter() - t0,
             "xla_temp_gb": {r.name: r.temp_bytes / 1e9 for r in reports
                             if r.name in ("decode", "reference", "update")}}

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from rlhf_jax import microbatch, models, networks, optim, ppo, sampling, sharding
 from rlhf_jax.data import tasks
+
+if TYPE_CHECKING:  # only annotations: bench/device_check.py runs without ml_collections
+    import ml_collections
 
 Array = jax.Array
 MICRO_BATCH_FIELD = "model.micro_batch_size"

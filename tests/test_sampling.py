@@ -125,7 +125,6 @@ def test_prefill_and_decode_compile_once_and_decode_never_copies_the_cache(polic
     place and never copies or transposes it (a [batch, slots, heads, head_dim] cache made XLA
     transpose every layer's keys and values at every step)."""
     import chex
-    import re
 
     s = sampling.SamplerSettings(CFG, response_length=5, temperature=0.7)
     prefill = jax.jit(chex.assert_max_traces(lambda p, c, k: sampling.prefill(p, c, k, s), n=1))

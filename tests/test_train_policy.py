@@ -106,8 +106,10 @@ def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
 
 def test_first_minibatch_ratio_is_one_in_bfloat16(random_rm):
     """model.dtype=bfloat16: the sampler (KV-cache decode) and the training forward (fused
-    attention, full sequence) round at the same points, so on the first minibatch the ratio is
-    1 within |log-ratio| < 1e-3 and approxkl < 1e-6 (float32 above: < 1e-4 and < 1e-10)."""
+    attention over the whole sequence) round matmul outputs to bfloat16 (8-bit mantissa) in
+    differently shaped products, so log-probs may differ by a few 1e-3 (measured on CPU: up to
+    2.4e-3). Tolerance: |log-ratio| < 0.02 and approxkl < 1e-5, far below the clip range (0.2)
+    and far below what a misalignment gives (O(1)); float32 above: < 1e-4 and < 1e-10."""
     cfg = tiny_config()
     cfg.model.dtype = "bfloat16"
     mesh = sharding.make_mesh()
@@ -118,7 +120,7 @@ def test_first_minibatch_ratio_is_one_in_bfloat16(random_rm):
                                  state["kl_coef"], jax.random.key(0))
         check = jax.device_get(fns.alignment(state["params"], data))
         _, first = jax.jit(fns.minibatch_loss)(state["params"], data)
-    assert check["max_abs_logratio"] < 1e-3 and check["approxkl"] < 1e-6, check
+    assert check["max_abs_logratio"] < 0.02 and check["approxkl"] < 1e-5, check
     assert check["max_abs_value_diff"] < 1e-3, check
     assert float(first["ppo/policy/clipfrac"]) == 0.0 and float(first["ppo/val/clipfrac"]) == 0.0
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["opt_state"])
