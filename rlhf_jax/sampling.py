@@ -173,8 +173,8 @@ def prefill(params, context: Array, rng: Array, settings: SamplerSettings) -> di
 
     def one(i, ctx):
         hidden, scalars, cache = models.prefill(params, ctx, s.config, max_len)
-        token, logp = _draw(params, hidden[:, -1], rng, 0, i, s)
-        value = scalars["value"][:, -1] if "value" in scalars else jnp.zeros_like(logp)
+        token, logp = _draw(params, hidden[:, 0], rng, 0, i, s)
+        value = scalars["value"][:, 0] if "value" in scalars else jnp.zeros_like(logp)
         return {"cache": cache, "token": token, "logprob": logp, "value": value}
 
     return microbatch.map_chunks(one, n, microbatch.split(context, n))

@@ -287,8 +287,10 @@ def test_prefill_equals_forward_into_an_empty_cache():
     ctx[1, 2:5] = cfg.pad_id
     h1, s1, c1 = models.prefill(params, jnp.asarray(ctx), cfg, 11)
     h2, s2, c2 = models.forward(params, jnp.asarray(ctx), cfg, models.KVCache.zeros(cfg, 2, 11))
-    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(s1["value"]), np.asarray(s2["value"]), atol=1e-6)
+    assert h1.shape == (2, 1, cfg.n_embd)  # the last position only: all a sampler reads
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2[:, -1:]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s1["value"]), np.asarray(s2["value"][:, -1:]),
+                               atol=1e-6)
     for a, b in zip(c1.k + c1.v, c2.k + c2.v):
         assert a.shape == (2, cfg.n_head, 11, cfg.head_dim)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -296,6 +298,37 @@ def test_prefill_equals_forward_into_an_empty_cache():
         np.testing.assert_array_equal(np.asarray(getattr(c1, f)), np.asarray(getattr(c2, f)))
     with pytest.raises(ValueError, match="max_len=5 is shorter than the context"):
         models.prefill(params, jnp.asarray(ctx), cfg, 5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_out_positions_equal_the_full_forward_at_those_positions(remat):
+    """Only the last block is pruned; pad positions still carry the last real state forward,
+    and gradients through the pruned forward equal those through the full one."""
+    cfg = models.preset("tiny-vocab", remat=remat)
+    params = models.init_params(cfg, jax.random.key(4), heads=("value",))
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 9))
+    tokens[0, 5:7] = cfg.pad_id
+    tokens[1, -1] = cfg.pad_id
+    pos = jnp.asarray([[4, 5, 6, 8], [0, 3, 7, 8]], jnp.int32)
+    tokens = jnp.asarray(tokens)
+
+    def full(p):
+        h, s, _ = models.forward(p, tokens, cfg)
+        take = lambda a: jnp.take_along_axis(a, pos.reshape(pos.shape + (1,) * (a.ndim - 2)),
+                                             axis=1)  # noqa: E731
+        return take(h), take(s["value"])
+
+    def pruned(p):
+        h, s, _ = models.forward(p, tokens, cfg, out_positions=pos)
+        return h, s["value"]
+
+    for a, b in zip(full(params), pruned(params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    loss = lambda f: lambda p: jnp.sum(jnp.tanh(f(p)[0])) + jnp.sum(f(p)[1])  # noqa: E731
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(full))(params)),
+                    jax.tree.leaves(jax.grad(loss(pruned))(params))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
 
 
 def test_float32_means_highest_precision_matmuls_and_dtype_is_validated():

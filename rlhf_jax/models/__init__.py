@@ -47,9 +47,11 @@ class LanguageModel(nn.Module):
     heads: tuple[str, ...] = ()
 
     @nn.compact
-    def __call__(self, tokens: Array, cache: KVCache | None = None, prefill_len: int = 0):
+    def __call__(self, tokens: Array, cache: KVCache | None = None, prefill_len: int = 0,
+                 out_positions: Array | None = None):
         with precision_scope(self.config):
-            return self._heads(*GPT2(self.config, name="transformer")(tokens, cache, prefill_len))
+            trunk = GPT2(self.config, name="transformer")
+            return self._heads(*trunk(tokens, cache, prefill_len, out_positions))
 
     def _heads(self, hidden, cache):
         scalars = {}
@@ -100,7 +102,8 @@ def axis_rules(rules):
     return nn.logical_axis_rules(rules)
 
 
-def forward(params, tokens: Array, config: GPT2Config, cache: KVCache | None = None):
+def forward(params, tokens: Array, config: GPT2Config, cache: KVCache | None = None,
+            out_positions: Array | None = None):
     """Runs the model.
 
     Args:
@@ -108,29 +111,35 @@ def forward(params, tokens: Array, config: GPT2Config, cache: KVCache | None = N
         tokens: `[batch, T]` int32 ids; `config.pad_id` marks padding.
         config: the static GPT2Config.
         cache: optional KVCache for incremental decoding.
+        out_positions: optional `[batch, P]` positions (no cache): hidden states and scalars
+            are returned at those positions only, and the last block skips the rest.
 
     Returns:
-        (hidden `[batch, T, d]` float32, scalars {"value"/"reward": `[batch, T]`}, cache).
+        (hidden `[batch, T or P, d]` float32, scalars {"value"/"reward": `[batch, T or P]`},
+        cache).
     """
     if not isinstance(tokens, jax.core.Tracer):
         check_token_ids(tokens, config)
     model = LanguageModel(config, heads_of(params))
-    return model.apply({"params": params}, tokens, cache)
+    return model.apply({"params": params}, tokens, cache, 0, out_positions)
 
 
 def prefill(params, tokens: Array, config: GPT2Config, max_len: int):
     """`forward` over a whole context that also returns a KVCache of `max_len` slots holding it.
 
-    Equal to `forward(params, tokens, config, KVCache.zeros(config, batch, max_len))`, but the
-    context attends only to itself through the fused full-sequence attention instead of
-    scoring every (still empty) cache slot.
+    Equal to `forward(params, tokens, config, KVCache.zeros(config, batch, max_len))` at the
+    last position, which is all a sampler reads: hidden `[batch, 1, d]` and scalars
+    `[batch, 1]` are returned for the last position only. The context attends only to itself
+    through the fused full-sequence attention instead of scoring every (still empty) cache
+    slot, and the last block runs the last position only.
     """
     if max_len < tokens.shape[1]:
         raise ValueError(f"max_len={max_len} is shorter than the context ({tokens.shape[1]})")
     if not isinstance(tokens, jax.core.Tracer):
         check_token_ids(tokens, config)
     model = LanguageModel(config, heads_of(params))
-    return model.apply({"params": params}, tokens, None, max_len)
+    return model.apply({"params": params}, tokens, None, max_len,
+                       jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32))
 
 
 def check_token_ids(tokens, config: GPT2Config, where: str = "tokens") -> None:

@@ -68,23 +68,25 @@ def _resolve(implementation: str, dtype) -> str | None:
 
 
 def full_attention(q: Array, k: Array, v: Array, mask: Array,
-                   implementation: str = "auto") -> Array:
+                   implementation: str = "auto", causal: bool = True) -> Array:
     """A sequence attending to itself through `jax.nn.dot_product_attention`.
 
     Args:
-        q, k, v: `[B, T, H, D]`.
-        mask: `[B, 1, T, T]` bool: causal and padded keys (True = attend).
+        q: `[B, T, H, D]` queries, or `[B, P, H, D]` for P selected positions.
+        k, v: `[B, T, H, D]`.
+        mask: `[B, 1, T or P, T]` bool: causal and padded keys (True = attend).
         implementation: "auto", "xla" or "cudnn" (see module docstring).
+        causal: the queries are the T positions in order (lets cuDNN skip the blocks above
+            the diagonal); False for selected positions (then `mask` alone says what to see).
 
     Returns:
-        `[B, T, H, D]` in the dtype of `q`.
+        `[B, T or P, H, D]` in the dtype of `q`.
     """
     impl = _resolve(implementation, q.dtype)
     if impl == "cudnn":
         try:
-            # is_causal lets cuDNN skip the blocks above the diagonal; `mask` (folded into a
-            # bias by JAX) adds the padded keys.
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+            # `mask` is folded into a bias by JAX: it adds the padded keys.
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                                 implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError) as e:
             if implementation == "cudnn":

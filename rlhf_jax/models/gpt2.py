@@ -214,7 +214,7 @@ class Attention(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, attend, k_cache=None, v_cache=None, index=None):
+    def __call__(self, x, attend, k_cache=None, v_cache=None, index=None, rows=None):
         """Causal self-attention.
 
         Args:
@@ -223,20 +223,26 @@ class Attention(nn.Module):
             k_cache, v_cache: optional `[batch, n_head, S, head_dim]` caches; the new keys and
                 values are written at slots [index, index + T).
             index: scalar int32 write offset into the caches.
+            rows: optional `[batch, P]` positions (without caches): only their queries are
+                computed, against every key.
 
         Returns:
-            (output `[batch, T, n_embd]`, keys, values): with caches, the updated caches; without,
-            this sequence's `[batch, T, n_head, head_dim]` keys and values (for a prefill).
+            (output `[batch, T or P, n_embd]`, keys, values): with caches, the updated caches;
+            without, this sequence's `[batch, T, n_head, head_dim]` keys and values.
         """
         cfg = self.config
         b, t, _ = x.shape
         std = 0.02
         qkv = _dense(3 * cfg.n_embd, ("embed", "qkv"), cfg, std, "c_attn")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        heads = lambda a: a.reshape(b, t, cfg.n_head, cfg.head_dim)  # noqa: E731
+        heads = lambda a: a.reshape(b, a.shape[1], cfg.n_head, cfg.head_dim)  # noqa: E731
         q, k, v = heads(q), heads(k), heads(v)
+        if rows is not None:
+            q = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
+            attend = jnp.take_along_axis(attend, rows[:, None, :, None], axis=2)
+            t = rows.shape[1]
         if k_cache is None:
-            out = attention.full_attention(q, k, v, attend)
+            out = attention.full_attention(q, k, v, attend, causal=rows is None)
         else:
             start = (0, 0, index, 0)
             new = lambda a, c: jnp.swapaxes(a, 1, 2).astype(c.dtype)  # noqa: E731
@@ -267,11 +273,17 @@ class Block(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, attend, k_cache=None, v_cache=None, index=None):
-        """One pre-LN block on the float32 residual stream `x`; returns (x, keys, values)."""
+    def __call__(self, x, attend, k_cache=None, v_cache=None, index=None, rows=None):
+        """One pre-LN block on the float32 residual stream `x`; returns (x, keys, values).
+
+        With `rows` (`[batch, P]` positions), the block's output is computed at those positions
+        only (`[batch, P, n_embd]`); keys and values still cover every position.
+        """
         cfg = self.config
         h = _layer_norm(cfg, "ln_1")(x).astype(cfg.compute_dtype)
-        a, k, v = Attention(cfg, name="attn")(h, attend, k_cache, v_cache, index)
+        a, k, v = Attention(cfg, name="attn")(h, attend, k_cache, v_cache, index, rows)
+        if rows is not None:
+            x = jnp.take_along_axis(x, rows[:, :, None], axis=1)
         x = x + a.astype(jnp.float32)
         h = _layer_norm(cfg, "ln_2")(x).astype(cfg.compute_dtype)
         x = x + MLP(cfg, name="mlp")(h).astype(jnp.float32)
@@ -300,7 +312,8 @@ class GPT2(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens: Array, cache: KVCache | None = None, prefill_len: int = 0):
+    def __call__(self, tokens: Array, cache: KVCache | None = None, prefill_len: int = 0,
+                 out_positions: Array | None = None):
         """Runs the trunk.
 
         Args:
@@ -310,10 +323,14 @@ class GPT2(nn.Module):
             prefill_len: without a cache, > 0 also returns a new KVCache of this many slots
                 holding these tokens (a prefill: the sequence attends only to itself, so it
                 takes the fused full-sequence attention).
+            out_positions: without a cache, optional `[batch, P]` int32 positions whose hidden
+                states are all the caller needs (e.g. the response positions of a PPO forward,
+                the last position of a reward). The last block then computes queries, MLP and
+                `ln_f` at those positions only: its work at every other position feeds nothing.
 
         Returns:
-            (hidden `[batch, T, n_embd]` float32 after `ln_f` with pad states carried forward,
-             the updated or new cache, or None).
+            (hidden `[batch, T or P, n_embd]` float32 after `ln_f` with pad states carried
+             forward, the updated or new cache, or None).
         """
         cfg = self.config
         tokens = tokens.astype(jnp.int32)
@@ -348,18 +365,26 @@ class GPT2(nn.Module):
         x = jnp.take(wte, ids, axis=0) + jnp.take(wpe, positions, axis=0)
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
+        # Pad positions take the state of the last real token before them (spec §1.3.4).
+        source = carry_forward_index(mask)
+        rows = None
+        if out_positions is not None:
+            if cache is not None:
+                raise ValueError("out_positions is for full-sequence forwards, not a cache")
+            rows = jnp.take_along_axis(source, out_positions.astype(jnp.int32), axis=1)
         block_cls = nn.remat(Block) if cfg.remat else Block
         new_k, new_v = [], []
         for i in range(cfg.n_layer):
             kc = cache.k[i] if cache is not None else None
             vc = cache.v[i] if cache is not None else None
             idx = cache.index if cache is not None else None
-            x, kc, vc = block_cls(cfg, name=f"h_{i}")(x, attend, kc, vc, idx)
+            last_rows = rows if i == cfg.n_layer - 1 else None
+            x, kc, vc = block_cls(cfg, name=f"h_{i}")(x, attend, kc, vc, idx, last_rows)
             new_k.append(kc)
             new_v.append(vc)
         h = _layer_norm(cfg, "ln_f")(x).astype(jnp.float32)
-        # Pad positions take the state of the last real token before them (spec §1.3.4).
-        h = jnp.take_along_axis(h, carry_forward_index(mask)[:, :, None], axis=1)
+        if rows is None:
+            h = jnp.take_along_axis(h, source[:, :, None], axis=1)
 
         new_cache = None
         if cache is not None:
