@@ -225,7 +225,7 @@ def main(argv=None) -> None:
     config = models.preset(args.model)
     if args.query + args.response > config.n_positions:
         sys.exit(f"query + response exceeds n_positions={config.n_positions}")
-    print_header()
+    load_start = print_header()
     print(f"shapes: model {args.model} ({config.n_layer}L d{config.n_embd} vocab "
           f"{config.vocab_size}), batch {args.batch}, query {args.query}, response "
           f"{args.response}, float32; T 0.7, truncate at 13 from 16, penalty -1, kl_coef "
@@ -316,14 +316,14 @@ def main(argv=None) -> None:
         print("| model | batch | query | response | torch s/it | rlhf_jax s/it | torch eps/s "
               "| rlhf_jax eps/s | ratio (medians) | ratio (paired) | rollout s torch / rlhf_jax "
               "| update s torch / rlhf_jax | CPU s/it torch / rlhf_jax "
-              "| peak RSS GB torch / rlhf_jax | jax compile s |")
+              "| peak RSS GB torch / rlhf_jax | jax compile s | load avg start / end |")
         print(f"| {args.model} | {args.batch} | {args.query} | {args.response} "
               f"| {rt['median_s']:.1f} | {rj['median_s']:.1f} | {rt['rate_median']:.3f} "
               f"| {rj['rate_median']:.3f} | {ratio_med:.2f}x | {paired} "
               f"| {pt['rollout']:.1f} / {pj['rollout']:.1f} | {pt['update']:.1f} / {pj['update']:.1f} "
               f"| {rt['cpu_median_s']:.1f} / {rj['cpu_median_s']:.1f} "
               f"| {info['torch']['peak_gb']:.1f} / {info['rlhf_jax']['peak_gb']:.1f} "
-              f"| {info['rlhf_jax']['compile_s']:.0f} |")
+              f"| {info['rlhf_jax']['compile_s']:.0f} | {load_start} / {loadavg().split()[0]} |")
     print(f"({args.batch} episodes per iteration; episodes/s = batch / wall time of one iteration; "
           f"medians over {args.repeats} rounds"
           f"{', sides timed one after the other' if args.sequential else ', sides alternating'}; "
