@@ -127,57 +127,57 @@ def test_first_minibatch_ratio_is_one_in_bfloat16(random_rm):
                if jnp.issubdtype(x.dtype, jnp.floating))
 
 
+def _iteration(cfg, mesh, rm_dir, data=None):
+    """One rollout and update from the initial state (the update on `data` when given).
+
+    Returns:
+        (the rollout's data on device, host copies of (data, rollout stats, update stats,
+        updated params), the PPOFunctions).
+    """
+    fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, rm_dir)
+    with sharding.mesh_context(mesh, rules):
+        queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
+        rolled, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
+                                       queries, state["kl_coef"], jax.random.key(0))
+        state, train_stats = fns.update(state, rolled if data is None else data,
+                                        jax.random.key(1))
+    return rolled, jax.device_get((rolled, stats, train_stats, state["params"])), fns
+
+
+def _assert_same_iteration(a, b, rtol_update):
+    (da, sa, ta, pa), (db, sb, tb, pb) = a, b
+    np.testing.assert_array_equal(da["responses"], db["responses"])
+    for k in da:
+        np.testing.assert_allclose(da[k], db[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for k in sa:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for k in ta:
+        np.testing.assert_allclose(ta[k], tb[k], rtol=rtol_update, atol=1e-5, err_msg=k)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(x, y, rtol=rtol_update, atol=1e-6)
+
+
 @require_devices(8)
 def test_micro_batches_equal_the_unsplit_iteration(random_rm):
     """model.micro_batch_size=8 of 16 rows on 8 devices: the staged rollout (2 chunks per
-    stage) gives the same samples, and the accumulated update the same params and stats."""
+    stage) gives the same samples, and the accumulated update (on the same data) the same
+    params and stats."""
     mesh = sharding.make_mesh()
-    results = []
-    data0 = None
-    for micro in (0, 8):
-        cfg = tiny_config()
-        cfg.model.micro_batch_size = micro
-        fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
-        assert fns.s.update_chunks == (2 if micro else 1)
-        with sharding.mesh_context(mesh, rules):
-            queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
-            data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
-                                         queries, state["kl_coef"], jax.random.key(0))
-            data0 = data if data0 is None else data0
-            state, train_stats = fns.update(state, data0, jax.random.key(1))
-        results.append(jax.device_get((data, stats, train_stats, state["params"])))
-    (d0, s0, t0, p0), (d1, s1, t1, p1) = results
-    np.testing.assert_array_equal(d0["responses"], d1["responses"])
-    for k in d0:
-        np.testing.assert_allclose(d0[k], d1[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    for k in s0:
-        np.testing.assert_allclose(s0[k], s1[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for k in t0:
-        np.testing.assert_allclose(t0[k], t1[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    data, whole, fns = _iteration(tiny_config(), mesh, random_rm)
+    assert fns.s.update_chunks == 1
+    cfg = tiny_config()
+    cfg.model.micro_batch_size = 8
+    _, split, fns = _iteration(cfg, mesh, random_rm, data)
+    assert fns.s.update_chunks == 2 and fns.s.rollout_chunks == 2
+    _assert_same_iteration(whole, split, rtol_update=1e-5)
 
 
 @require_devices(8)
 def test_update_on_8_devices_matches_one_device(random_rm):
     cfg = tiny_config()
-    results = []
-    for mesh in (sharding.make_mesh(), sharding.make_mesh(devices=jax.devices()[:1])):
-        fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
-        with sharding.mesh_context(mesh, rules):
-            queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
-            data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
-                                         queries, state["kl_coef"], jax.random.key(0))
-            state, train_stats = fns.update(state, data, jax.random.key(1))
-        results.append(jax.device_get((data, stats, train_stats, state["params"])))
-    (d8, s8, t8, p8), (d1, s1, t1, p1) = results
-    np.testing.assert_array_equal(d8["responses"], d1["responses"])
-    for k in s8:
-        np.testing.assert_allclose(s8[k], s1[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    for k in t8:
-        np.testing.assert_allclose(t8[k], t1[k], rtol=1e-4, atol=1e-5, err_msg=k)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    results = [_iteration(cfg, mesh, random_rm)[1]
+               for mesh in (sharding.make_mesh(), sharding.make_mesh(devices=jax.devices()[:1]))]
+    _assert_same_iteration(*results, rtol_update=1e-4)
 
 
 def _rows(workdir):
