@@ -23,6 +23,7 @@ reproduce the sampler's log-probs (policy = reference at that point).
     python bench/bench_ppo.py                          # 124M, batch 16, query 64, response 24
     python bench/bench_ppo.py --model tiny --repeats 3
     python bench/bench_ppo.py --only jax --repeats 2   # rlhf_jax alone (phases are always timed)
+    python bench/bench_ppo.py --device cuda --dtype bfloat16 --batch 512   # on a GPU (issue 15)
 
 Each side's first iteration (and JAX's compile) is reported apart; then `--warmup` untimed and
 `--repeats` timed rounds of one iteration per side, alternating (order swapped every round) so
@@ -72,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed rounds (one iteration per side each)")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed rounds after each side's first iteration (JAX: after compile)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: torch on the GPU and JAX on its default (GPU) backend")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="both sides: rlhf_jax's model.dtype; torch mixed precision (float32 "
+                        "weights, bfloat16 autocast)")
     p.add_argument("--micro-batch", type=int, default=0,
                    help="rlhf_jax: model.micro_batch_size (rows per forward/backward; 0 = all)")
     add_common_flags(p)
@@ -178,7 +184,8 @@ def setup_torch(args, ckpt_dir, rm_head, queries_list, first_rollout):
     torch.set_num_threads(args.threads or usable_cores())
     hp = ref_impl.Hyper(batch_size=args.batch, query_length=args.query,
                         response_length=args.response, kl_coef=args.kl_coef, lr=args.lr,
-                        noptepochs=args.noptepochs, nminibatches=args.nminibatches)
+                        noptepochs=args.noptepochs, nminibatches=args.nminibatches,
+                        device=args.device, dtype=args.dtype)
     runner = ref_impl.PPOReference(ckpt_dir, rm_head, hp, seed=args.seed)
     info = {"threads": torch.get_num_threads(), "attn": runner.attn}
 
@@ -187,8 +194,9 @@ def setup_torch(args, ckpt_dir, rm_head, queries_list, first_rollout):
         # against torch's reference forward on the same tokens: same weights, same maths.
         ctx = torch.from_numpy(np.asarray(first_rollout["context"], np.int64))
         resp = torch.from_numpy(np.asarray(first_rollout["responses"], np.int64))
-        with torch.no_grad():
-            lp = runner.ref_logprobs(torch.cat([ctx, resp], 1), ctx.shape[1]).numpy()
+        with torch.no_grad(), runner.autocast():
+            lp = runner.ref_logprobs(torch.cat([ctx, resp], 1).to(runner.device),
+                                     ctx.shape[1]).float().cpu().numpy()
         info["check_logprob_maxdiff"] = float(np.max(np.abs(lp - first_rollout["logprobs"])))
 
     qs = [torch.from_numpy(np.asarray(q, np.int64)) for q in queries_list]
@@ -222,13 +230,13 @@ def main(argv=None) -> None:
 
     if args.batch % args.devices:
         sys.exit(f"--batch {args.batch} is not divisible by --devices {args.devices}")
-    config = models.preset(args.model)
+    config = models.preset(args.model, dtype=args.dtype)
     if args.query + args.response > config.n_positions:
         sys.exit(f"query + response exceeds n_positions={config.n_positions}")
     load_start = print_header()
     print(f"shapes: model {args.model} ({config.n_layer}L d{config.n_embd} vocab "
           f"{config.vocab_size}), batch {args.batch}, query {args.query}, response "
-          f"{args.response}, float32; T 0.7, truncate at 13 from 16, penalty -1, kl_coef "
+          f"{args.response}, {args.dtype} on {args.device}; T 0.7, truncate at 13 from 16, penalty -1, kl_coef "
           f"{args.kl_coef}, whiten rewards, gamma 1, lam 0.95, {args.noptepochs} epochs x "
           f"{args.nminibatches} minibatch, lr {args.lr}; repeats {args.repeats}, warmup "
           f"{args.warmup}")

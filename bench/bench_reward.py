@@ -155,7 +155,8 @@ def setup_env(args) -> None:
     xla_flags = " ".join(f for f in flags if f).strip()
     if xla_flags:
         os.environ["XLA_FLAGS"] = xla_flags
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if getattr(args, "device", "cpu") == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # Run from a checkout without `pip install -e .` (or from an experimental copy).
