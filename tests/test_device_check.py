@@ -17,7 +17,7 @@ def _run(*args):
 
 def test_tiny_preset_prints_the_table_and_writes_json(tmp_path):
     out_path = str(tmp_path / "check.json")
-    out = _run("--preset", "tiny", "--batch", "8", "--minutes", "1", "--max-iterations", "1",
+    out = _run("--preset", "tiny", "--batch", "8", "--minutes", "3", "--max-iterations", "1",
                "--output", out_path)
     assert out.returncode == 0, out.stderr[-3000:]
     for phase in ("prefill", "decode", "reference", "reward", "update", "iteration"):
