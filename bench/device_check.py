@@ -135,8 +135,10 @@ def build(args, dtype: str, batch: int):
     ppo = types.SimpleNamespace(batch_size=batch, nminibatches=1, whiten_groups=groups,
                                 whiten_rewards=True)
     ppo_trainer.check_ppo_config(ppo, mesh, args.micro_batch)
-    settings = ppo_trainer.PPOSettings(batch, 1, EPOCHS, 0.2, 0.2, 0.1, 1.0, 0.95, True, groups,
-                                       False, args.micro_batch)
+    settings = ppo_trainer.PPOSettings(
+        batch_size=batch, nminibatches=1, noptepochs=EPOCHS, cliprange=0.2, cliprange_value=0.2,
+        vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=True, whiten_groups=groups,
+        separate_value=False, micro_batch_size=args.micro_batch)
     num_updates = math.ceil(1_000_000 / batch)
     tx = optim.make_optimizer(optim.ppo_lr_schedule(LR, num_updates, EPOCHS), eps=1e-5)
     layout = ppo_trainer.build_layout(cfg, cfg, settings, tx, mesh, rules)

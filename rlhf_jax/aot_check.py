@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 
-from rlhf_jax import experiment, flops, label_types, ppo_trainer, sharding, train_reward
+from rlhf_jax import cli, experiment, flops, label_types, ppo_trainer, sharding, train_reward
 from rlhf_jax import programs as programs_lib
 from rlhf_jax.data import tasks
 # The compiling machinery lives in `rlhf_jax.programs`; these names are part of this module's API.
@@ -480,7 +480,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
@@ -491,4 +491,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("hbm_gib", None, "Per-device memory limit in GiB (default: the compiler's).")
     flags.DEFINE_string("json", None, "Also write the report as JSON here.")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

@@ -8,6 +8,11 @@ start-up because the config is locked.
 
 Defaults reproduce the original lm-human-preferences `launch.py` experiments (spec §2.4, §3.2,
 §4.1). Modern improvements are options whose defaults keep the original behaviour.
+
+A config file states only what its experiment sets (the paper's table: task, labels, KL, batch
+sizes) and builds the rest with `books_experiment` or `summarize_experiment`; both share
+`experiment_config`, which also applies the paper's per-size settings (`PAPER_SIZES`) and the
+`:runlocal` variant.
 """
 
 from __future__ import annotations
@@ -21,6 +26,25 @@ from rlhf_jax import sharding
 
 # The original ran on 8 MPI ranks (8x V100); batch sizes in its configs are global.
 ORIGINAL_RANKS = 8
+# Where `launch.py` reads the released label files (spec §5.2).
+LABELS_URL = "https://openaipublic.blob.core.windows.net/lm-human-preferences/labels/"
+
+# The paper's settings for its human-label experiments with GPT-2 774M (Ziegler et al. 2019,
+# appendix, as spec.md §3.2 and §4.1 give them): reward model batch 8 (style) / 32
+# (summarisation) at lr 1.77e-5; PPO for 2M episodes at batch 1024 / 512 and lr 1.41e-5 /
+# 7.07e-6. The paper trained no other size with these experiments, so `:model=355M` and
+# `:model=1.5B` keep the 124M (`launch.py`) values: nothing verifiable to set them to.
+PAPER_SIZES = {
+    "774M": {
+        "books": dict(rewards=dict(batch_size=8, lr=1.77e-5),
+                      ppo=dict(total_episodes=2_000_000, batch_size=1024, lr=1.41e-5)),
+        # 46,000 labels do not split into batches of 32 (one epoch uses every label exactly
+        # once, train_reward checks it): 45,984 = 1,437 x 32 is the nearest count below.
+        "summarize": dict(rewards=dict(batch_size=32, lr=1.77e-5),
+                          labels=dict(num_train=45_984),
+                          ppo=dict(total_episodes=2_000_000, batch_size=512, lr=7.07e-6)),
+    },
+}
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -207,18 +231,30 @@ def labels_config(path: str = "", type: str = "best_of_4", num_train: int = 4992
 def labeler_config(kind: str = "vader", **kw) -> ml_collections.ConfigDict:
     """A mock labeler for `python -m rlhf_jax.label` (no humans needed).
 
-    kind: "vader" (VADER compound sentiment of the response), "copying" (prefers sentences
-    copied from the article, as the paper's summary labelers did) or "rouge" (prefers ROUGE-L
-    closeness to the reference summary; summarization sources only). temperature 0 picks the
-    argmax; > 0 chooses like a Boltzmann-rational human (softmax of score / temperature).
+    kind (`label.SCORER_KINDS`): "vader" (VADER compound sentiment of the response),
+    "descriptiveness" (share of vivid words: adjectives and adverbs of lemminflect's lexicon,
+    `style_scorers.DescriptivenessScorer`), "copying" (prefers sentences copied from the
+    article, as the paper's summary labelers did) or "rouge" (prefers ROUGE-L closeness to the
+    reference summary; summarization sources only). temperature 0 picks the argmax; > 0 chooses
+    like a Boltzmann-rational human (softmax of score / temperature).
     Queries are read from the task's query stream starting at step `query_offset`, away from the
     steps that reward normalisation and PPO read first. copy_ngram (kind "copying"): 0 scores
     whole copied sentences; n > 0 the share of n-grams found in the article (tiny models).
+    invalid_samples: "resample" shows the labeler only samples that pass the task's validity
+    check (the truncation token), as the paper did by rejection sampling (spec §2.3): an invalid
+    sample is re-drawn from ρ, up to `resample_rounds` more draws of the batch, and a query still
+    short of N valid samples is dropped (counted). "keep" shows every sample (random tiny models,
+    which almost never emit the truncation token).
     """
     cfg = dict(kind=kind, temperature=0.0, field="response", seed=0, rollout_batch_size=64,
-               query_offset=100_000, copy_ngram=0)
+               query_offset=100_000, copy_ngram=0, invalid_samples="resample",
+               resample_rounds=8)
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
+
+
+# The books experiments' KL controller (spec §4.2): adaptive, from 0.15 towards 6 nats.
+KL_DEFAULTS = dict(coef=0.15, adaptive=True, target=6.0, horizon=10000)
 
 
 def ppo_config(**kw) -> ml_collections.ConfigDict:
@@ -244,10 +280,15 @@ def ppo_config(**kw) -> ml_collections.ConfigDict:
         # "shared": value head on the policy trunk (original). "separate": a separate value
         # network initialised from the reward model (summarize-from-feedback).
         value_model="shared",
-        # Mask KL, losses and whitening after the truncation token (modern option; off in the
-        # original, which trains on every response token).
+        # Entropy bonus: loss -= ent_coef * mean token entropy (the paper's ablation, Table 10;
+        # 0 = none, as the original).
+        ent_coef=0.0,
+        # End each episode at the truncation token, summarize-from-feedback style (spec §9):
+        # positions after it are masked out of the KL penalty, the whitening, the GAE (values
+        # there count as 0) and every loss and statistic, and the score goes on the stop token
+        # instead of index L-1. Off in the original, which trains on every response token.
         mask_after_stop=False,
-        kl=dict(coef=0.15, adaptive=True, target=6.0, horizon=10000),
+        kl=dict(KL_DEFAULTS),
     )
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
@@ -262,6 +303,9 @@ def runtime_config(config: ml_collections.ConfigDict) -> None:
     config.ckpt_every = 50
     config.ckpt_keep = 3
     config.tensorboard = True
+    # Weights & Biases (optional, `pip install 'rlhf_jax[wandb]'`): project "" = off; mode
+    # "online", "offline" or "disabled" ("" = wandb's default / WANDB_MODE).
+    config.wandb = dict(project="", entity="", name="", group="", mode="")
     # Stop (checkpoint, exit 3) after this many iterations of one process; 0 = run to the end.
     # For time-sliced jobs; the same command resumes.
     config.stop_after = 0
@@ -284,6 +328,9 @@ def tiny_overrides(config: ml_collections.ConfigDict) -> None:
         config.labels.num_valid = 32
     if "labeler" in config:
         config.labeler.rollout_batch_size = 32
+        # A random tiny GPT-2 spreads its samples over all 50,257 tokens, so almost none holds
+        # the truncation token: rejection sampling would drop every query.
+        config.labeler.invalid_samples = "keep"
     if "ppo" in config:
         config.ppo.total_episodes = 256
         config.ppo.batch_size = 32
@@ -325,3 +372,97 @@ def sft_tiny_overrides(config: ml_collections.ConfigDict) -> None:
     if "sft" in config:
         config.sft.update(dict(steps=300, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=20,
                                log_every=20, eval_batches=4, ckpt_every=100))
+
+
+def _merged(section: ml_collections.ConfigDict, values: dict) -> None:
+    """Sets nested `values` into `section` in place (dicts merge into sub-sections)."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _merged(section[key], value)
+        else:
+            section[key] = value
+
+
+def experiment_config(arg: str | None, *, family: str, task: ml_collections.ConfigDict,
+                      labels: ml_collections.ConfigDict, labeler: ml_collections.ConfigDict,
+                      rewards: ml_collections.ConfigDict, ppo: ml_collections.ConfigDict,
+                      sft: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A whole experiment config from its sections, with the `model=` and `runlocal` arguments.
+
+    Args:
+        arg: the text after ':' in `--config file.py:arg` ("model=774M", "runlocal", ...).
+        family: "books" or "summarize": which of the paper's per-size settings apply.
+        task, labels, labeler, rewards, ppo, sft: the sections, as built by the `*_config`
+            helpers above.
+
+    Returns:
+        The config. `model=<size>` picks the GPT-2 size and, where the paper gives them
+        (`PAPER_SIZES`), its reward-model and PPO settings for that size; `runlocal` swaps in
+        the tiny random GPT-2 and CPU-sized batches (the size's settings then do not apply).
+    """
+    arg = parse_arg(arg, model="124M", runlocal=False)
+    config = ml_collections.ConfigDict()
+    config.seed = 1
+    config.model = model_config(arg.model, hf_name(arg.model))
+    config.task, config.labels, config.labeler = task, labels, labeler
+    config.rewards, config.ppo, config.sft = rewards, ppo, sft
+    runtime_config(config)
+    if arg.runlocal:
+        tiny_overrides(config)
+        sft_tiny_overrides(config)
+    elif arg.model in PAPER_SIZES:
+        _merged(config, PAPER_SIZES[arg.model][family])
+    return config
+
+
+def books_experiment(arg: str | None, *, labels: str, num_train: int, labeler: str, kl: dict,
+                     rewards: dict, ppo: dict) -> ml_collections.ConfigDict:
+    """A books (style) experiment: continue a 64-token passage with 24 tokens (spec §2.4, §6.1).
+
+    Args:
+        arg: the config argument (see `experiment_config`).
+        labels: the best-of-4 label file (path or URL; "" = none yet).
+        num_train: labels that train the reward model.
+        labeler: the mock labeler's kind (`labeler_config`).
+        kl: the KL controller (`ppo.kl`: coef, adaptive, target, horizon).
+        rewards: reward-model settings that differ from `reward_config`'s defaults.
+        ppo: PPO settings that differ from `ppo_config`'s defaults.
+
+    Returns:
+        The experiment config; queries come from `task.query_dataset` ("builtin" by default).
+    """
+    return experiment_config(
+        arg, family="books", task=books_task(),
+        labels=labels_config(labels, num_train=num_train), labeler=labeler_config(labeler),
+        rewards=reward_config(**rewards), ppo=ppo_config(kl=_kl(kl), **ppo),
+        sft=sft_config(mode="lm"))
+
+
+def summarize_experiment(arg: str | None, *, task: dict, labels: str, num_train: int,
+                         labeler: str, kl: dict, rewards: dict,
+                         ppo: dict) -> ml_collections.ConfigDict:
+    """A summarisation experiment: 500-token article, 75-token summary (spec §2.4, §6.1).
+
+    Args:
+        arg: the config argument (see `experiment_config`); `runlocal` also shrinks the task
+            to the tiny model's 256 positions (query 128, response 32, truncate after 8) over
+            the "builtin:lead" passages.
+        task: task fields that differ from `summarize_task`'s (query_dataset, prefix, ...).
+        labels, num_train, labeler, kl, rewards, ppo: as `books_experiment`.
+
+    Returns:
+        The experiment config, with `sft.mode="summarize"` (the supervised baseline).
+    """
+    config = experiment_config(
+        arg, family="summarize", task=summarize_task(**task),
+        labels=labels_config(labels, num_train=num_train), labeler=labeler_config(labeler),
+        rewards=reward_config(**rewards), ppo=ppo_config(kl=_kl(kl), **ppo),
+        sft=sft_config(mode="summarize"))
+    if parse_arg(arg, model="124M", runlocal=False).runlocal:
+        config.task.update(dict(query_dataset="builtin:lead", query_length=128,
+                                response_length=32, truncate_after=8, query_max_texts=0))
+    return config
+
+
+def _kl(kl: dict) -> dict:
+    return dict(KL_DEFAULTS, **kl)

@@ -11,9 +11,12 @@ row has a "reference" or none does.
 
 The report (`summary_metrics.summary_report`) holds the number of summaries, mean length,
 novelty of 1-4-grams and of sentences in percent (the paper's Fig. 5), the copy-from-start rate
-and, with references, ROUGE-1/2/L F-measures plus the references' own novelty. It is written
+and, with references, ROUGE-1/2/L F-measures plus the references' own novelty. With references
+(a summarization task) the report also holds "lead3": the same metrics for the lead-3 baseline
+(the first three sentences of each distinct article, `summary_metrics.lead`), the paper's
+strongest simple baseline on CNN/DM; `--nolead3` leaves it out. The report is written
 atomically (JSON has no NaN: a percentage with nothing to count is null). `--plot` draws the
-novelty per n as bars, beside the references' when present.
+novelty per n as bars, beside the references' and lead-3's when present.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 from absl import app, flags
 
 from rlhf_jax import runtime, summary_metrics
+from rlhf_jax.data import sources
 
 FIELDS = ("query", "response")
 
@@ -53,16 +57,7 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
     out: dict[str, list[str]] = {"query": [], "response": [], "reference": []}
     first_ref_line = first_plain_line = None
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SamplesError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise SamplesError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for lineno, where, row in sources.json_objects(f, path, SamplesError):
             for field in FIELDS + (("reference",) if "reference" in row else ()):
                 if field not in row:
                     raise SamplesError(f"{where}: missing field {field!r}; has {sorted(row)}")
@@ -91,8 +86,25 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
             "reference": out["reference"] if first_ref_line else None}
 
 
+def lead3_report(queries: list[str], references: list[str]) -> dict[str, Any]:
+    """The summary report of the lead-3 baseline on the distinct (article, reference) pairs.
+
+    Args:
+        queries: the articles of the samples (repeated when a query has several samples).
+        references: their reference summaries, aligned with `queries`.
+
+    Returns:
+        `summary_metrics.summary_report` of the first three sentences of each distinct article:
+        the same ROUGE, novelty and copying metrics as the model's samples get.
+    """
+    pairs = list(dict.fromkeys(zip(queries, references)))
+    articles = [a for a, _ in pairs]
+    leads = [summary_metrics.lead(a, 3) for a in articles]
+    return summary_metrics.summary_report(leads, articles, [r for _, r in pairs])
+
+
 def evaluate_samples(samples: str, output: str, plot: str | None = None,
-                     step: int | None = None) -> dict[str, Any]:
+                     step: int | None = None, lead3: bool = True) -> dict[str, Any]:
     """Computes the summary report of a samples file and writes it (and the plot).
 
     Args:
@@ -100,6 +112,7 @@ def evaluate_samples(samples: str, output: str, plot: str | None = None,
         output: the JSON report to write (atomically).
         plot: optional PNG path for the novelty bar plot.
         step: as `read_samples`.
+        lead3: add the lead-3 baseline's report as "lead3" when the samples have references.
 
     Returns:
         The report, with "samples" (the input path) and "step" added.
@@ -107,6 +120,8 @@ def evaluate_samples(samples: str, output: str, plot: str | None = None,
     rows = read_samples(samples, step)
     report = summary_metrics.summary_report(rows["response"], rows["query"], rows["reference"])
     report = {"samples": os.fspath(samples), "step": step, **report}
+    if lead3 and rows["reference"] is not None:
+        report["lead3"] = lead3_report(rows["query"], rows["reference"])
     runtime.atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     if plot:
         plot_novelty(report, plot)
@@ -141,6 +156,8 @@ def plot_novelty(report: dict[str, Any], path: str, title: str | None = None) ->
     series = [("summaries", report["novelty"])]
     if "reference_novelty" in report:
         series.append(("references", report["reference_novelty"]))
+    if "lead3" in report:
+        series.append(("lead-3", report["lead3"]["novelty"]))
     fig = Figure(figsize=(6.4, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -168,9 +185,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    report = evaluate_samples(FLAGS.samples, FLAGS.output, FLAGS.plot, FLAGS.step)
+    report = evaluate_samples(FLAGS.samples, FLAGS.output, FLAGS.plot, FLAGS.step, FLAGS.lead3)
     brief = {k: report[k] for k in ("n", "mean_words", "copy_from_start_rate")}
-    print(json.dumps(brief | {"novelty": report["novelty"], "rouge": report.get("rouge")}))
+    brief |= {"novelty": report["novelty"], "rouge": report.get("rouge")}
+    if "lead3" in report:
+        brief["lead3_rouge"] = report["lead3"].get("rouge")
+    print(json.dumps(brief))
 
 
 if __name__ == "__main__":
@@ -179,5 +199,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("output", None, "Report JSON to write.")
     flags.DEFINE_string("plot", None, "Optional PNG bar plot of novelty per n.")
     flags.DEFINE_integer("step", None, "Keep only rows with this 'step' (workdir samples files).")
+    flags.DEFINE_bool("lead3", True, "With references, also score the lead-3 baseline.")
     flags.mark_flags_as_required(["samples", "output"])
     app.run(main)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import models, sharding
-from rlhf_jax.data import summarization, tasks
+from rlhf_jax.data import query_sources, summarization, tasks
 from rlhf_jax.models import hf_import
 
 logger = logging.getLogger(__name__)
@@ -123,19 +123,58 @@ def task_spec(config: ml_collections.ConfigDict, tok, gpt_cfg: models.GPT2Config
     return spec
 
 
+def query_source(config: ml_collections.ConfigDict) -> str:
+    """`config.task.query_dataset`, with a bare "labels:" meaning the run's `labels.path`."""
+    name = config.task.query_dataset
+    if name == query_sources.LABELS_PREFIX:
+        if not config.labels.path:
+            raise ValueError("task.query_dataset='labels:' takes the queries of labels.path, "
+                             "which is empty; set --config.labels.path or use labels:PATH")
+        return name + config.labels.path
+    return name
+
+
+def text_query_spec(config: ml_collections.ConfigDict, spec: tasks.TaskSpec) -> tasks.TaskSpec:
+    """The spec that turns `query_texts` into queries with `tasks.make_query`.
+
+    A `labels:` source's texts are finished queries (the task's start/end rules were applied
+    when the labels were made), so applying those rules again would cut them; they are off.
+    """
+    if query_source(config).startswith(query_sources.LABELS_PREFIX):
+        return dataclasses.replace(spec, start_token=None, end_token=None)
+    return spec
+
+
 def query_texts(config: ml_collections.ConfigDict, split: str = "train") -> list[str]:
-    """The raw texts of `config.task.query_dataset`: a book corpus, a file, or the articles of
-    a summarization source ("tfds:reddit", "tfds:cnn_dailymail", "jsonl:...", "builtin:lead")."""
+    """The raw texts of `config.task.query_dataset`: a book corpus, a file, the articles of
+    a summarization source ("tfds:reddit", "tfds:cnn_dailymail", "jsonl:...", "builtin:lead"),
+    a text corpus ("text:PATH") or a label file's decoded queries ("labels:PATH")."""
     t = config.task
-    return summarization.corpus_texts(t.query_dataset, split, t.get("query_data_dir", ""),
+    return summarization.corpus_texts(query_source(config), split, t.get("query_data_dir", ""),
                                       t.get("query_max_texts", 0))
 
 
 def query_dataset(config: ml_collections.ConfigDict, tok, spec: tasks.TaskSpec,
                   split: str = "train") -> tasks.QueryDataset:
-    """The query stream of `config.task.query_dataset`, a pure function of (seed, step)."""
-    return tasks.QueryDataset(query_texts(config, split), tok, spec,
-                              shuffle_seed=config.task.query_shuffle_seed)
+    """The query stream of `config.task.query_dataset`, a pure function of (seed, step).
+
+    A `labels:` source's queries are used as the label file stores them (same token ids as the
+    reward model was trained on); every other source's texts go through the task's rules.
+
+    Raises:
+        ValueError: naming `task.query_dataset` and the split when no text makes a query.
+    """
+    name, seed = query_source(config), config.task.query_shuffle_seed
+    if name.startswith(query_sources.LABELS_PREFIX):
+        queries = query_sources.label_file_queries(
+            name[len(query_sources.LABELS_PREFIX):], split, query_length=spec.query_length,
+            vocab_size=len(tok), pad_id=spec.pad_id)
+        return tasks.QueryDataset.from_queries(queries, spec, shuffle_seed=seed)
+    texts = query_texts(config, split)
+    try:
+        return tasks.QueryDataset(texts, tok, spec, shuffle_seed=seed)
+    except ValueError as e:
+        raise ValueError(f"task.query_dataset={name!r} (split {split!r}): {e}") from e
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):

@@ -1,4 +1,4 @@
-"""Host-side metrics: JSONL + TensorBoard writer, progress lines, and plots of a run's curves.
+"""Host-side metrics: JSONL + TensorBoard (+ optional W&B) writer, progress, and plots.
 
 Jitted steps return flat dicts of scalar arrays keyed like the original repo
 (`objective/kl`, `ppo/loss/policy`, ...). The loop fetches them on log steps and hands them to
@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from rlhf_jax import runtime
+from rlhf_jax import runtime, wandb_logging
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -135,6 +135,8 @@ class MetricWriter:
         resume_step: Keep only rows with `step <= resume_step`; None keeps everything.
         check_finite: Raise `NonFiniteMetricError` on NaN/inf values.
         log_metrics: Also log each row through absl at INFO.
+        config: The run's config; a non-empty `config.wandb.project` also logs every row to
+            Weights & Biases, with the whole config (see `wandb_logging`).
     """
 
     def __init__(
@@ -145,12 +147,14 @@ class MetricWriter:
         resume_step: int | None = None,
         check_finite: bool = True,
         log_metrics: bool = True,
+        config: Mapping[str, Any] | None = None,
     ):
         self._workdir = os.fspath(workdir)
         self._check_finite = check_finite
         self._log_metrics = log_metrics
         self._active = runtime.is_primary()
         self._tb = None
+        self._wandb = None
         self._pending: list[concurrent.futures.Future] = []
         if not self._active:
             return
@@ -168,6 +172,9 @@ class MetricWriter:
                 )
             except Exception as e:  # e.g. gs:// without google-cloud-storage installed.
                 logging.warning("TensorBoard disabled: %s", e)
+        config = config.to_dict() if hasattr(config, "to_dict") else config
+        if wandb_logging.enabled(config):
+            self._wandb = wandb_logging.WandbRun(self._workdir, config, resume_step=resume_step)
 
     def _path(self, name: str) -> str:
         return os.fspath(epath.Path(self._workdir) / name)
@@ -203,6 +210,8 @@ class MetricWriter:
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
 
     def write_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """Appends decoded query/response samples, one JSON line per row with its step.
@@ -253,6 +262,9 @@ class MetricWriter:
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
+            if self._wandb is not None:
+                self._wandb.close()
+                self._wandb = None
             self._active = False
 
     def __enter__(self) -> MetricWriter:

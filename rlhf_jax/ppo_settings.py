@@ -33,6 +33,8 @@ class PPOSettings:
     whiten_rewards: bool
     whiten_groups: int
     separate_value: bool
+    ent_coef: float = 0.0
+    mask_after_stop: bool = False
     micro_batch_size: int = 0
 
     @classmethod
@@ -42,7 +44,8 @@ class PPOSettings:
             raise ValueError(f"ppo.value_model={p.value_model!r}: expected 'shared' or 'separate'")
         return cls(p.batch_size, p.nminibatches, p.noptepochs, p.cliprange, p.cliprange_value,
                    p.vf_coef, p.gamma, p.lam, p.whiten_rewards, p.whiten_groups,
-                   p.value_model == "separate", micro_batch_size)
+                   p.value_model == "separate", p.get("ent_coef", 0.0),
+                   p.get("mask_after_stop", False), micro_batch_size)
 
     @property
     def minibatch_size(self) -> int:

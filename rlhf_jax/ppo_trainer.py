@@ -189,11 +189,14 @@ class PPOFunctions:
     def _finish(self, queries, samples, ref_logprobs, scored, kl_coef):
         spec = self.spec
         responses, logprobs, scores = samples["responses"], samples["logprobs"], scored["scores"]
-        rewards, non_score, kl = ppo.compute_rewards(scores, logprobs, ref_logprobs, kl_coef)
+        # ppo.mask_after_stop: each episode ends at its stop token (spec §9).
+        mask = tasks.stop_mask(responses, spec) if self.s.mask_after_stop else None
+        rewards, non_score, kl = ppo.compute_rewards(scores, logprobs, ref_logprobs, kl_coef, mask)
         data = dict(context=tasks.format_context(queries, spec), responses=responses,
-                    logprobs=logprobs, values=samples["values"], rewards=rewards)
+                    logprobs=logprobs, values=samples["values"], rewards=rewards,
+                    **({} if mask is None else {"mask": mask}))
         data = jax.lax.with_sharding_constraint(data, self._batch)
-        stats = ppo.rollout_stats(scores, logprobs, ref_logprobs, non_score, kl_coef)
+        stats = ppo.rollout_stats(scores, logprobs, ref_logprobs, non_score, kl_coef, mask)
         stats["objective/valid_fraction"] = jnp.mean(tasks.responses_valid(responses, spec))
         extras = dict(truncated=scored["truncated"], scores=scores, kl_sum=kl.sum(-1),
                       queries=queries)
@@ -213,13 +216,23 @@ class PPOFunctions:
         return out
 
     def _loss(self, trainable, mb):
-        """PPO loss of (a chunk of) a minibatch whose advantages and returns are computed."""
+        """PPO loss of (a chunk of) a minibatch whose advantages and returns are computed.
+
+        With `ppo.mask_after_stop` the loss and statistics are means over masked-in tokens,
+        which do not average over chunks of unequal counts: each chunk's are weighted by its
+        share of the minibatch's count (`mask_total`), so their average is the minibatch's.
+        """
         s = self.s
         out = self._new_logprobs(trainable, mb["context"], mb["responses"])
-        return ppo.ppo_loss(out["logprobs"], out["values"], mb["logprobs"], mb["values"],
-                            mb["advantages"], mb["returns"], cliprange=s.cliprange,
-                            cliprange_value=s.cliprange_value, vf_coef=s.vf_coef,
-                            entropy=out["entropy"])
+        mask = mb.get("mask")  # present with ppo.mask_after_stop
+        loss, stats = ppo.ppo_loss(out["logprobs"], out["values"], mb["logprobs"], mb["values"],
+                                   mb["advantages"], mb["returns"], cliprange=s.cliprange,
+                                   cliprange_value=s.cliprange_value, vf_coef=s.vf_coef,
+                                   entropy=out["entropy"], mask=mask, ent_coef=s.ent_coef)
+        if mask is not None and s.update_chunks > 1:
+            weight = s.update_chunks * jnp.sum(mask) / mb["mask_total"][0]
+            loss, stats = loss * weight, jax.tree.map(lambda v: v * weight, stats)
+        return loss, stats
 
     def minibatch_loss(self, trainable, mb):
         """(loss, stats) of a whole minibatch as the update computes them (no micro-split)."""
@@ -227,10 +240,14 @@ class PPOFunctions:
 
     def _with_advantages(self, mb):
         s = self.s
+        mask = mb.get("mask")
         adv, returns = ppo.advantages_and_returns(
             mb["rewards"], mb["values"], gamma=s.gamma, lam=s.lam,
-            whiten_rewards=s.whiten_rewards, whiten_groups=s.whiten_groups)
-        return dict(mb, advantages=adv, returns=returns)
+            whiten_rewards=s.whiten_rewards, whiten_groups=s.whiten_groups, mask=mask)
+        out = dict(mb, advantages=adv, returns=returns)
+        if mask is not None:  # the minibatch's count, on every row so that chunks keep it
+            out["mask_total"] = jnp.full(mask.shape[:1], jnp.sum(mask, dtype=jnp.float32))
+        return out
 
     def _update(self, state, data, rng):
         s = self.s
@@ -243,7 +260,7 @@ class PPOFunctions:
             (_, stats), grads = microbatch.accumulate_gradients(self._loss, params, mb, n,
                                                                 self._batch)
             if n > 1:
-                stats = ppo.pool_chunk_stats(stats, mb["returns"], mb["values"])
+                stats = ppo.pool_chunk_stats(stats, mb["returns"], mb["values"], mb.get("mask"))
             updates, opt_state = self.tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), stats
 

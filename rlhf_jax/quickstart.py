@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from rlhf_jax import (
+    cli,
     experiment,
     label,
     labelers,
@@ -46,7 +47,6 @@ from rlhf_jax import (
 from rlhf_jax.data import summarization
 
 logger = logging.getLogger(__name__)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TASKS = ("sentiment", "tldr")
 
 
@@ -54,7 +54,8 @@ def quickstart_config(workdir: str, task: str = "sentiment") -> ml_collections.C
     """`configs/{task}.py:runlocal` with CPU-sized labels, reward model and PPO."""
     if task not in TASKS:
         raise ValueError(f"quickstart task {task!r}: known tasks are {', '.join(TASKS)}")
-    path = os.path.join(CONFIG_DIR, f"{task}.py")
+    # The repo's configs/, or the copy a non-editable install puts in rlhf_jax/configs/.
+    path = os.path.join(cli.configs_dir() or "configs", f"{task}.py")
     spec = importlib.util.spec_from_file_location(f"{task}_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -167,8 +168,8 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     last = train_policy.train_policy(config, policy_dir)
     logger.info("[5/5] samples of the initial and the trained policy on held-out queries")
     t = config.task
-    items = summarization.texts_and_references(t.query_dataset, "test", t.query_data_dir,
-                                               num_queries)
+    items = summarization.texts_and_references(experiment.query_source(config), "test",
+                                               t.query_data_dir, num_queries)
     texts = [text for text, _ in items]
     refs = [ref for _, ref in items] if all(ref is not None for _, ref in items) else None
     gpt_cfg = experiment.gpt2_config(config)

@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, experiment, labelers, runtime, sampling, sharding
+from rlhf_jax import checkpointing, cli, experiment, labelers, runtime, sampling, sharding
 from rlhf_jax.data import sources, summarization, tasks
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,9 @@ def sample_texts(config: ml_collections.ConfigDict, params, query_texts: list[st
     if references is not None and len(references) != len(query_texts):
         raise ValueError(f"{len(references)} references for {len(query_texts)} query texts")
     refs = dict(enumerate(references or []))
+    rules = experiment.text_query_spec(config, spec)
     kept = [((t, refs.get(k)), q) for k, t in enumerate(query_texts)
-            if (q := tasks.make_query(tok.encode(t), spec)) is not None]
+            if (q := tasks.make_query(tok.encode(t), rules)) is not None]
     if len(kept) < len(query_texts):
         logger.warning("skipped %d of %d queries (start/end token rules of the task)",
                        len(query_texts) - len(kept), len(query_texts))
@@ -144,11 +145,12 @@ def main(argv):
         texts, refs = sources.load_texts(f.queries)[: f.num_queries], None
     else:  # summarization sources come with their reference summaries
         t = config.task
-        items = summarization.texts_and_references(t.query_dataset, f.split,
+        source = experiment.query_source(config)
+        items = summarization.texts_and_references(source, f.split,
                                                    t.get("query_data_dir", ""), f.num_queries)
         texts = [text for text, _ in items]
         refs = [ref for _, ref in items] if summarization.is_summarization_source(
-            t.query_dataset) else None
+            source) else None
     rows = sample_texts(config, params, texts, num_samples=f.num_samples,
                         temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
                         references=refs)
@@ -171,4 +173,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("top_p", 1.0, "Nucleus truncation (1 = off, as in training).")
     flags.DEFINE_integer("seed", 0, "PRNG seed.")
     flags.mark_flags_as_required(["output"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

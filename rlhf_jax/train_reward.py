@@ -34,12 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rlhf_jax import (
     checkpointing,
+    cli,
     compile_cache,
     experiment,
     flops,
@@ -259,7 +260,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = ckpt.latest_step()
     # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
-                                      resume_step=-1 if latest is None else latest)
+                                      resume_step=-1 if latest is None else latest, config=config)
     writer.write_json("config.json", config.to_dict())
 
     if latest is not None:  # (1) resume from the workdir
@@ -399,4 +400,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the model go.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

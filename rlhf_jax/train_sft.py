@@ -41,11 +41,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, compile_cache, experiment, flops, labelers, models
+from rlhf_jax import checkpointing, cli, compile_cache, experiment, flops, labelers, models
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import optim, runtime, sampling, sharding
 from rlhf_jax.data import summarization, tasks
@@ -212,7 +212,7 @@ class SFTSetup:
         if s.dataset:
             self.dataset, data_dir = s.dataset, s.data_dir
         else:
-            self.dataset = config.task.query_dataset
+            self.dataset = experiment.query_source(config)
             data_dir = config.task.get("query_data_dir", "")
         if s.mode == "summarize" and not summarization.is_summarization_source(self.dataset):
             raise ValueError(f"sft.mode='summarize' needs (article, reference) pairs, but dataset "
@@ -241,8 +241,9 @@ class SFTSetup:
         if n == 0:
             return queries, refs
         items = summarization.texts_and_references(self.dataset, split, data_dir, 50 * n)
+        rules = experiment.text_query_spec(self.config, self.spec)
         for article, ref in items:
-            query = tasks.make_query(self.tok.encode(article), self.spec)
+            query = tasks.make_query(self.tok.encode(article), rules)
             if query is not None:
                 queries.append(query)
                 refs.append(ref)
@@ -388,7 +389,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = ckpt.latest_step()
     # A fresh run (-1) drops rows a crashed earlier attempt wrote before its first checkpoint.
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
-                                      resume_step=-1 if latest is None else latest)
+                                      resume_step=-1 if latest is None else latest, config=config)
     writer.write_json("config.json", config.to_dict())
     with sharding.mesh_context(setup.mesh, setup.rules):
         if latest is not None:  # (1) resume from the workdir
@@ -494,4 +495,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the model go.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)  # absl app.run; configs/... also found in the installed copy

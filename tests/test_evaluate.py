@@ -96,3 +96,26 @@ def test_command_line(tmp_path):
     bad = subprocess.run(cmd[:4] + [write(tmp_path, ["{oops"], "bad.jsonl"), "--output", out],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "bad.jsonl:1: malformed JSON" in bad.stderr
+
+
+def test_lead3_baseline(tmp_path):
+    """Lead-3: the first three sentences of each distinct article, scored like the samples."""
+    article = "Storm hits coast. Roads closed.\n\nSchools shut on Monday! Power is back."
+    rows = [{"query": article, "response": r, "reference": "Storm closes roads and schools."}
+            for r in ("A storm came.", "Roads closed. Schools shut.")]
+    report = evaluate.evaluate_samples(write(tmp_path, rows), str(tmp_path / "o.json"),
+                                       str(tmp_path / "p.png"))
+    lead3 = report["lead3"]
+    # One distinct article (two samples of it), its lead across the paragraph break.
+    assert lead3["n"] == 1
+    assert lead3["mean_words"] == len("Storm hits coast Roads closed Schools shut on Monday".split())
+    assert set(lead3["novelty"].values()) == {0.0} and lead3["copy_from_start_rate"] == 1.0
+    want = evaluate.summary_metrics.rouge_scores(
+        ["Storm hits coast. Roads closed. Schools shut on Monday!"],
+        ["Storm closes roads and schools."])
+    assert lead3["rouge"] == pytest.approx(want)
+    assert "lead3" not in evaluate.evaluate_samples(
+        write(tmp_path, rows), str(tmp_path / "o2.json"), lead3=False)
+    # Without references (not a summarization task) there is no baseline to score.
+    assert "lead3" not in evaluate.evaluate_samples(write(tmp_path, SAMPLES),
+                                                    str(tmp_path / "o3.json"))

@@ -3,8 +3,9 @@
 Each process is a `tests/multihost_worker.py` subprocess joined through JAX's distributed
 runtime (`RLHF_JAX_COORDINATOR` on 127.0.0.1, gloo CPU collectives). Both runs use the same
 global batch and mesh shape (data=1, fsdp=8), so they run the same SPMD program; each process
-feeds only its half of every query batch. Checks: equal metrics, equal samples, only process 0
-writes run files, and the checkpoint written by both processes is complete.
+feeds only its half of every query batch. Checks: equal first-iteration metrics, samples and
+train state (later iterations sample from params that differ by float32 rounding, see RTOL),
+only process 0 writes run files, and the checkpoints written by both processes are complete.
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ NUM_PROCESSES, LOCAL_DEVICES = 2, 4
 TIMEOUT_S = 1500
 # The two runs differ only in how cross-device reductions are carried out (in one process, or
 # between processes over gloo), so float32 sums are added in another order: each rounding
-# differs by ~1e-7 relative, compounded through 2 PPO iterations of Adam (measured: <= 1e-6
-# relative). atol covers values that are themselves rounding noise, such as the first
-# iteration's KL (~1e-7, where the policy still equals the reference).
+# differs by ~1e-7 relative. atol covers values that are themselves rounding noise, such as the
+# first iteration's KL (~1e-7, where the policy still equals the reference).
+# Only the first iteration is compared value by value. After one Adam step the two runs' params
+# differ by float32 rounding (measured on an AMD EPYC host, 2026-12-05: up to 8.5e-9 absolute,
+# 2.2e-6 relative, in most elements), and the second rollout draws 768 tokens from those params:
+# one draw that falls within rounding of a CDF boundary takes another token, and that sample's
+# whole continuation, KL and score then differ (seen: iteration-2 KL 0.471 vs 0.521). That is
+# sampling chaos, not a bug in either layout, so iteration 2 is checked for shape, not values.
 RTOL, ATOL = 1e-5, 1e-6
 # A sample's KL is a difference of two sums of 24 log-probs of magnitude ~10: an absolute error
 # of ~24 * 10 * 1e-7 is rounding, not a bug.
@@ -174,45 +180,57 @@ def test_two_processes_match_one_process(random_rm, tmp_path):  # noqa: F811
         assert reports[f"process{i}"]["workdir_writes"] == [], f"process {i} wrote run files"
     assert len(os.listdir(multi / "tb")) == 1  # one TensorBoard events file
 
-    # Same metrics as the 1-process run, one row per iteration (no duplicates from process 1).
+    # Same metrics as the 1-process run in iteration 1, one row per iteration (no duplicates
+    # from process 1); iteration 2 has the same keys and finite values (see RTOL's comment).
     got, want = _jsonl(multi / "metrics.jsonl"), _jsonl(single / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2] == [r["step"] for r in want]
     for g, w in zip(got, want):
         g, w = _without_timing(g), _without_timing(w)
         assert g.keys() == w.keys()
         for k in w:
-            np.testing.assert_allclose(g[k], w[k], rtol=RTOL, atol=ATOL,
-                                       err_msg=f"step {w['step']}: {k}")
+            if w["step"] == 1:
+                np.testing.assert_allclose(g[k], w[k], rtol=RTOL, atol=ATOL,
+                                           err_msg=f"step {w['step']}: {k}")
+            else:
+                assert np.isfinite(g[k]), f"step {w['step']}: {k} = {g[k]}"
 
-    # Same samples, gathered from both processes' devices.
+    # Same samples in iteration 1, gathered from both processes' devices; the same queries in 2.
     got, want = _jsonl(multi / "samples.jsonl"), _jsonl(single / "samples.jsonl")
     n = config(random_rm).samples_per_log
     assert len(got) == 2 * n == len(want)
     for g, w in zip(got, want):
-        assert (g["step"], g["query"], g["response"]) == (w["step"], w["query"], w["response"])
+        assert (g["step"], g["query"]) == (w["step"], w["query"])
+        if w["step"] != 1:
+            continue
+        assert g["response"] == w["response"]
         for k in ("score", "kl", "total"):
             np.testing.assert_allclose(g[k], w[k], rtol=RTOL, atol=SAMPLE_ATOL, err_msg=k)
 
-    # The checkpoint both processes wrote (each its own shards) is complete and holds the same
-    # train state as the 1-process one. The latter restores as saved only onto 8 devices of one
-    # process (this pytest process, see conftest); it then gives the target shardings for both.
+    # The checkpoints both processes wrote (each its own shards) are complete; the first holds
+    # the same train state as the 1-process run's. The latter restores as saved only onto 8
+    # devices of one process (this pytest process, see conftest); it then gives the target
+    # shardings for both.
     if jax.device_count() != NUM_PROCESSES * LOCAL_DEVICES:
         return
-    want, want_meta = _restore(single, 2)
-    got, got_meta = _restore(multi, 2, checkpointing.abstract_state(want))
-    # "final" holds the last iteration's metrics (timings differ; values match above).
-    assert got_meta.pop("final").keys() == want_meta.pop("final").keys()
-    assert got_meta == want_meta
-    assert int(got["step"]) == 2
-    got_leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(got))
-    for (path, g), w in zip(got_leaves, jax.tree.leaves(jax.device_get(want)), strict=True):
-        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
+    for step in (1, 2):
+        want, want_meta = _restore(single, step)
+        got, got_meta = _restore(multi, step, checkpointing.abstract_state(want))
+        # "final" holds the last iteration's metrics (timings differ; values match above).
+        assert got_meta.pop("final", {}).keys() == want_meta.pop("final", {}).keys()
+        assert got_meta == want_meta
+        assert int(got["step"]) == step
+        if step != 1:
+            continue
+        got_leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(got))
+        for (path, g), w in zip(got_leaves, jax.tree.leaves(jax.device_get(want)), strict=True):
+            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL,
+                                       err_msg=jax.tree_util.keystr(path))
 
 
 def _restore(workdir, step, abstract=None):
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", save_every=1)
     try:
-        assert ckpt.latest_step() == step
+        assert ckpt.latest_step() == 2 and step in ckpt.all_steps()
         return ckpt.restore(step, abstract)
     finally:
         ckpt.close()

@@ -309,3 +309,117 @@ def test_rollout_stats():
     assert set(stats) == set(expected)
     for key, value in expected.items():
         np.testing.assert_allclose(float(stats[key]), value, err_msg=key, **TOL)
+
+
+# -- ppo.ent_coef and ppo.mask_after_stop -----------------------------------------------------
+
+
+def test_entropy_bonus_hand_example_and_gradient():
+    """total = pg + vf_coef * vf - ent_coef * mean(entropy); d total / d entropy = -c / N."""
+    batch = _hand_batch()
+    entropy = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)
+    base, _ = _ppo_loss(**batch, entropy=entropy)
+    with_bonus = jax.jit(functools.partial(ppo.ppo_loss, **LOSS_KW, ent_coef=0.01))
+    loss, stats = with_bonus(**batch, entropy=entropy)
+    pg = (-1.2 - 0.5 + 1.5 + 0.8 - 2.2 - 0.5) / 6
+    vf = 0.5 * (0.64 + 0.25 + 0.81 + 0.64 + 0.64 + 0.09) / 6
+    np.testing.assert_allclose(float(loss), pg + 0.1 * vf - 0.01 * 2.5, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(float(loss) - float(base), -0.01 * 2.5, rtol=1e-5)
+    assert float(stats["ppo/loss/total"]) == float(loss)
+    grad = jax.grad(lambda e: with_bonus(**batch, entropy=e)[0])(entropy)
+    np.testing.assert_allclose(np.asarray(grad), -0.01 / 6, rtol=1e-6)
+    with pytest.raises(ValueError, match="ent_coef is set but no entropy"):
+        ppo.ppo_loss(**batch, **LOSS_KW, ent_coef=0.01)
+
+
+def test_stop_mask():
+    from rlhf_jax.data import tasks
+
+    spec = tasks.TaskSpec(query_length=2, response_length=6, truncate_token=13, truncate_after=2)
+    responses = np.array([[13, 5, 5, 13, 5, 13],   # the '.' at 0 is before truncate_after
+                          [5, 5, 13, 5, 5, 5],     # stop at index 2
+                          [5, 5, 5, 5, 5, 5],      # no stop: invalid, keeps everything
+                          [5, 5, 5, 5, 5, 13]])    # stop at the last index
+    want = [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1] * 6, [1] * 6]
+    np.testing.assert_array_equal(tasks.stop_mask(responses, spec), want)
+    np.testing.assert_array_equal(np.asarray(tasks.stop_mask(jnp.asarray(responses), spec)), want)
+    # The last kept position is exactly the token postprocess_responses keeps last.
+    post = tasks.postprocess_responses(responses, spec)
+    np.testing.assert_array_equal(post != spec.pad_id, np.asarray(want, bool))
+
+
+def _prefix_mask(lengths, length):
+    return (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
+
+
+def test_masked_rewards_put_the_score_on_the_stop_token():
+    rng = np.random.default_rng(8)
+    scores, logprobs, ref_logprobs = _rand(rng, 3), _rand(rng, 3, 5), _rand(rng, 3, 5)
+    mask = _prefix_mask([2, 5, 1], 5)
+    rewards, non_score, kl = ppo.compute_rewards(scores, logprobs, ref_logprobs, 0.15,
+                                                 jnp.asarray(mask))
+    kl_ref = (logprobs.astype(np.float64) - ref_logprobs) * mask
+    rewards_ref = -0.15 * kl_ref
+    for row, stop in enumerate([1, 4, 0]):
+        rewards_ref[row, stop] += scores[row]
+    np.testing.assert_allclose(np.asarray(kl), kl_ref, **TOL)
+    np.testing.assert_allclose(np.asarray(non_score), -0.15 * kl_ref, **TOL)
+    np.testing.assert_allclose(np.asarray(rewards), rewards_ref, **TOL)
+    # An all-ones mask is the original (score at L-1).
+    unmasked = ppo.compute_rewards(scores, logprobs, ref_logprobs, 0.15)
+    ones = ppo.compute_rewards(scores, logprobs, ref_logprobs, 0.15, jnp.ones((3, 5)))
+    for a, b in zip(unmasked, ones):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+
+
+@pytest.mark.parametrize("whiten_rewards, groups", [(True, 1), (False, 1), (True, 2)])
+def test_masked_advantages_are_the_truncated_episodes(whiten_rewards, groups):
+    """With a mask each row is an episode of its own length: GAE on the prefix (bootstrapping 0
+    after the stop), whitening statistics over the kept entries of each group, zeros after."""
+    rng = np.random.default_rng(9)
+    rewards, values = 0.3 * _rand(rng, 8, 6), _rand(rng, 8, 6)
+    lengths = np.array([6, 1, 3, 4, 2, 6, 5, 3])
+    mask = _prefix_mask(lengths, 6)
+    # Anything after the stop must not matter: poison it.
+    rewards_in = np.where(mask > 0, rewards, 1e3).astype(np.float32)
+    values_in = np.where(mask > 0, values, -1e3).astype(np.float32)
+    advantages, returns = ppo.advantages_and_returns(
+        jnp.asarray(rewards_in), jnp.asarray(values_in), gamma=1.0, lam=0.95,
+        whiten_rewards=whiten_rewards, whiten_groups=groups, mask=jnp.asarray(mask))
+    want_adv, want_ret = np.zeros((8, 6)), np.zeros((8, 6))
+    rows = np.split(np.arange(8), groups)
+    for block in rows:
+        kept_r = np.concatenate([rewards[i, :lengths[i]] for i in block]).astype(np.float64)
+        r_mean, r_std = kept_r.mean(), np.sqrt(kept_r.var() + 1e-8)
+        advs = {}
+        for i in block:
+            r = rewards[i:i + 1, :lengths[i]].astype(np.float64)
+            if whiten_rewards:
+                r = (r - r_mean) / r_std + r_mean
+            adv = _np_gae(r, values[i:i + 1, :lengths[i]], 1.0, 0.95)
+            want_ret[i, :lengths[i]] = adv[0] + values[i, :lengths[i]]
+            advs[i] = adv[0]
+        kept_a = np.concatenate(list(advs.values()))
+        for i in block:
+            want_adv[i, :lengths[i]] = (advs[i] - kept_a.mean()) / np.sqrt(kept_a.var() + 1e-8)
+    np.testing.assert_allclose(np.asarray(advantages), want_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(returns) * mask, want_ret, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_whiten_empty_block_is_finite():
+    got = ppo.whiten(jnp.ones((2, 3)), groups=2, mask=jnp.asarray([[1, 1, 0], [0, 0, 0]]))
+    np.testing.assert_array_equal(np.asarray(got), [[0, 0, 0], [0, 0, 0]])
+
+
+def test_masked_rollout_stats_sum_over_kept_tokens():
+    rng = np.random.default_rng(10)
+    scores, logprobs, ref_logprobs = _rand(rng, 4), _rand(rng, 4, 5) - 2, _rand(rng, 4, 5) - 2
+    mask = _prefix_mask([5, 2, 3, 1], 5)
+    _, non_score, _ = ppo.compute_rewards(scores, logprobs, ref_logprobs, 0.2, jnp.asarray(mask))
+    stats = ppo.rollout_stats(scores, logprobs, ref_logprobs, non_score, 0.2, jnp.asarray(mask))
+    lp, ref = logprobs.astype(np.float64) * mask, ref_logprobs.astype(np.float64) * mask
+    kl = np.mean(np.sum(lp - ref, axis=1))
+    np.testing.assert_allclose(float(stats["objective/kl"]), kl, **TOL)
+    np.testing.assert_allclose(float(stats["objective/entropy"]), np.mean(np.sum(-lp, 1)), **TOL)
+    np.testing.assert_allclose(float(stats["objective/score_total"]),
+                               scores.mean() - 0.2 * kl, **TOL)

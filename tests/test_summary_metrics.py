@@ -85,3 +85,12 @@ def test_summary_report_is_json_ready():
     assert set(report["rouge"]) == {"rouge1", "rouge2", "rougeL", "rouge_avg"}
     assert report["reference_novelty"]["novel_1gram_pct"] > 0
     assert "rouge" not in M.summary_report(["x y"], ["x y"])
+
+
+def test_lead_keeps_the_first_sentences_with_their_punctuation():
+    text = 'He said "hi." Then he left! Why?\n\nA new para. x'
+    assert M.sentence_texts(text) == ['He said "hi."', "Then he left!", "Why?", "A new para.",
+                                       "x"]
+    assert M.lead(text) == 'He said "hi." Then he left! Why?'
+    assert M.lead(text, 1) == 'He said "hi."' and M.lead("...") == ""
+    assert M.sentences(text)[0] == ["he", "said", "hi"]

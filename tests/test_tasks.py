@@ -309,7 +309,7 @@ def test_jsonl_strings_and_objects(tmp_path):
 @pytest.mark.parametrize(
     "line, problem",
     [
-        ("{not json", "invalid JSON"),
+        ("{not json", "malformed JSON"),
         ("[1, 2]", "got list"),
         ('{"title": "x"}', "no field 'text'"),
         ('{"text": 5}', "got int"),
@@ -320,7 +320,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path, line, problem):
     path.write_text(json.dumps("ok.") + "\n" + line + "\n")
     with pytest.raises(sources.SourceError) as err:
         sources.load_texts(str(path))
-    assert "broken.jsonl: line 2" in str(err.value) and problem in str(err.value)
+    assert "broken.jsonl:2:" in str(err.value) and problem in str(err.value)
 
 
 def test_plain_text_source(tmp_path):

@@ -170,6 +170,17 @@ def test_micro_batches_equal_the_unsplit_iteration(random_rm):
     _, split, fns = _iteration(cfg, mesh, random_rm, data)
     assert fns.s.update_chunks == 2 and fns.s.rollout_chunks == 2
     _assert_same_iteration(whole, split, rtol_update=1e-5)
+    # With ppo.mask_after_stop the losses are means over masked-in tokens, and the chunks hold
+    # unequal counts: a random prefix mask (what tasks.stop_mask gives) on the same data.
+    lengths = np.random.default_rng(3).integers(1, 25, 16)
+    mask = jnp.asarray(np.arange(24)[None, :] < lengths[:, None], jnp.float32)
+    masked = dict(data, mask=jax.device_put(mask, data["rewards"].sharding))
+    results = []
+    for micro in (0, 8):
+        cfg = tiny_config(noptepochs=1)
+        cfg.model.micro_batch_size = micro
+        results.append(_iteration(cfg, mesh, random_rm, masked)[1])
+    _assert_same_iteration(*results, rtol_update=1e-5)
 
 
 @require_devices(8)
@@ -272,3 +283,36 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(random_rm, tmp_pat
     assert meta["value_model"] == "shared"
     rows = _rows(workdir)
     assert all(np.isfinite(r["ppo/loss/total"]) for r in rows)
+
+
+def test_mask_after_stop_ignores_everything_after_the_stop_token(random_rm):
+    """ppo.mask_after_stop (with an entropy bonus): the rollout stores the stop mask, and the
+    update is blind to tokens, log-probs, values and rewards after each stop token."""
+    cfg = tiny_config(mask_after_stop=True, ent_coef=0.01)
+    mesh = sharding.make_mesh()
+    fns, to_rollout, state, ref, rm, dataset, rules, spec = _functions(cfg, mesh, random_rm)
+    with sharding.mesh_context(mesh, rules):
+        queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
+        data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
+                                     queries, state["kl_coef"], jax.random.key(0))
+        data = {k: np.array(v) for k, v in jax.device_get(data).items()}
+        np.testing.assert_array_equal(data["mask"], tasks.stop_mask(data["responses"], spec))
+        # A random tiny model never stops by itself: put a '.' at index 18 in half the rows.
+        data["responses"][::2, 18] = spec.truncate_token
+        data["mask"] = tasks.stop_mask(data["responses"], spec)
+        assert data["mask"][::2].sum(1).tolist() == [19] * 8
+        poisoned = {k: v.copy() for k, v in data.items()}
+        after = data["mask"] == 0
+        rng = np.random.default_rng(0)
+        poisoned["responses"][after] = rng.integers(0, 50257, after.sum())
+        for key in ("logprobs", "values", "rewards"):
+            poisoned[key][after] = rng.normal(size=after.sum()) * 100
+        copy = jax.tree.map(jnp.copy, state)
+        new, train_stats = fns.update(state, data, jax.random.key(1))
+        new_poisoned, stats_poisoned = fns.update(copy, poisoned, jax.random.key(1))
+    for k in train_stats:
+        np.testing.assert_allclose(float(train_stats[k]), float(stats_poisoned[k]), rtol=1e-5,
+                                   err_msg=k)
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(new_poisoned["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert np.isfinite(float(train_stats["ppo/loss/total"]))

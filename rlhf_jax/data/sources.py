@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterable, Iterator
+from typing import Any
 import urllib.error
 import urllib.request
 
@@ -118,6 +120,53 @@ def load_texts(
     raise SourceError(f"unknown text format {fmt!r} for {path}: expected 'jsonl' or 'text'")
 
 
+def json_values(lines: Iterable[str], name: str,
+                error: type[Exception] = SourceError) -> Iterator[tuple[int, str, Any]]:
+    """Parses JSON-lines: one JSON value per non-blank line.
+
+    Args:
+        lines: the file's lines (an open file, or `text.splitlines()`).
+        name: the file name, for error messages.
+        error: the exception class to raise.
+
+    Yields:
+        `(line number, "name:line", value)`, 1-based, blank lines skipped.
+
+    Raises:
+        error: naming the file and line of malformed JSON.
+    """
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{lineno}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{where}: malformed JSON ({err.msg})") from None
+        yield lineno, where, value
+
+
+def json_objects(lines: Iterable[str], name: str,
+                 error: type[Exception] = SourceError) -> Iterator[tuple[int, str, dict]]:
+    """Parses JSON-lines whose every non-blank line is an object.
+
+    Args:
+        lines: the file's lines (an open file, or `text.splitlines()`).
+        name: the file name, for error messages.
+        error: the exception class to raise.
+
+    Yields:
+        `(line number, "name:line", object)`, 1-based, blank lines skipped.
+
+    Raises:
+        error: naming the file and line of malformed JSON or a value that is not an object.
+    """
+    for lineno, where, record in json_values(lines, name, error):
+        if not isinstance(record, dict):
+            raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, where, record
+
+
 def parse_jsonl(text: str, name: str, *, field: str = "text") -> list[str]:
     """Parses JSONL whose lines are strings or objects with a string `field`.
 
@@ -133,20 +182,14 @@ def parse_jsonl(text: str, name: str, *, field: str = "text") -> list[str]:
         SourceError: naming the file and the 1-based line of the first bad line.
     """
     texts = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{name}: line {lineno}: invalid JSON: {e.msg}") from e
+    for _, where, value in json_values(text.splitlines(), name):
         if isinstance(value, dict):
             if field not in value:
-                raise SourceError(f"{name}: line {lineno}: object has no field {field!r}")
+                raise SourceError(f"{where}: object has no field {field!r}")
             value = value[field]
         if not isinstance(value, str):
             raise SourceError(
-                f"{name}: line {lineno}: expected a JSON string or an object with a string "
+                f"{where}: expected a JSON string or an object with a string "
                 f"field {field!r}, got {type(value).__name__}"
             )
         texts.append(value)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +26,7 @@ from typing import Any
 
 import ftfy
 
-from rlhf_jax.data import sources
+from rlhf_jax.data import query_sources, sources
 
 logger = logging.getLogger(__name__)
 
@@ -415,16 +414,7 @@ def jsonl_source(
     fix = clean or (lambda s: s)
     pairs = []
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for _, where, record in sources.json_objects(f, str(path), RecordError):
             fields = [text_field] + ([summary_field] if summary_field is not None else [])
             for field in fields:
                 if field not in record:
@@ -511,6 +501,8 @@ def texts_and_references(name: str, split: str = "train", data_dir: str = "",
     """
     if is_summarization_source(name):
         items = iter(summarization_pairs(name, split, data_dir))
+    elif query_sources.is_query_source(name):
+        items = ((text, None) for text in query_sources.source_texts(name, split))
     else:
         items = ((text, None) for text in sources.load_texts(name, split))
     return list(itertools.islice(items, max_texts or None))
@@ -523,15 +515,19 @@ def corpus_texts(name: str, split: str = "train", data_dir: str = "",
     This is how every entry point turns `task.query_dataset` (or `sft.dataset`) into texts.
 
     Args:
-        name: a summarization source (`is_summarization_source`) or anything
-            `sources.load_texts` reads ("builtin", "test", a text or JSONL path or URL).
+        name: a summarization source (`is_summarization_source`), a `labels:` or `text:`
+            source (`query_sources`), or anything `sources.load_texts` reads ("builtin",
+            "test", a text or JSONL path or URL).
         split: "train", "test", "valid" or a tfds split string.
         data_dir: tfds data_dir for "tfds:..." sources ("" = tfds's default).
         max_texts: keep the first this many texts (0 = all).
     """
     if is_summarization_source(name):
         return summarization_texts(name, split, data_dir, max_texts)
-    texts = sources.load_texts(name, split)
+    if query_sources.is_query_source(name):
+        texts = query_sources.source_texts(name, split)
+    else:
+        texts = sources.load_texts(name, split)
     return texts[:max_texts] if max_texts else texts
 
 

@@ -243,6 +243,27 @@ def postprocess_responses(responses, spec: TaskSpec):
     return xp.where(after, xp.asarray(spec.pad_id, responses.dtype), responses)
 
 
+def stop_mask(responses, spec: TaskSpec):
+    """1.0 up to and including each response's stop token, 0.0 after it (`ppo.mask_after_stop`).
+
+    The stop token is the first `truncate_token` at an index >= `truncate_after`, the one
+    `postprocess_responses` cuts after. A response without one (invalid, or no truncate_token)
+    keeps every position.
+
+    Args:
+        responses: int32[B, response_length].
+        spec: the task settings.
+
+    Returns:
+        float32[B, response_length], a prefix of ones per row.
+    """
+    xp = _xp(responses)
+    if spec.truncate_token is None:
+        return xp.ones(responses.shape, xp.float32)
+    hits = _truncation_hits(responses, spec).astype(xp.int32)
+    return ((xp.cumsum(hits, axis=-1) - hits) == 0).astype(xp.float32)
+
+
 def responses_valid(responses, spec: TaskSpec):
     """Whether each response has the truncation token at some index >= truncate_after.
 
@@ -337,6 +358,30 @@ class QueryDataset:
             )
         self.queries = np.stack(queries)  # [N, query_length]
         self._perm_cache: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_queries(cls, queries: np.ndarray, spec: TaskSpec, *,
+                     shuffle_seed: int = 0) -> "QueryDataset":
+        """A stream over ready-made queries (a label file's), used exactly as they are.
+
+        Args:
+            queries: int[N, query_length] right-padded queries (`spec.pad_id`).
+            spec: the task settings.
+            shuffle_seed: seed of the per-epoch permutations.
+
+        Returns:
+            The dataset; the start/end rules are not applied again.
+        """
+        queries = np.asarray(queries, np.int32)
+        if queries.ndim != 2 or queries.shape[1] != spec.query_length or not len(queries):
+            raise ValueError(f"expected queries [N > 0, {spec.query_length}], got {queries.shape}")
+        self = cls.__new__(cls)
+        self.spec, self.shuffle_seed = spec, shuffle_seed
+        self.skipped, self.num_truncated = collections.Counter(), 0
+        self.queries = queries
+        self._perm_cache = {}
+        logger.info("QueryDataset: %d ready-made queries", len(queries))
+        return self
 
     def __len__(self) -> int:
         return len(self.queries)
