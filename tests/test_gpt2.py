@@ -300,11 +300,11 @@ def test_prefill_equals_forward_into_an_empty_cache():
         models.prefill(params, jnp.asarray(ctx), cfg, 5)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_out_positions_equal_the_full_forward_at_those_positions(remat):
+def test_out_positions_equal_the_full_forward_at_those_positions():
     """Only the last block is pruned; pad positions still carry the last real state forward,
-    and gradients through the pruned forward equal those through the full one."""
-    cfg = models.preset("tiny-vocab", remat=remat)
+    and gradients through the pruned forward equal those through the full one (with remat, the
+    large presets' default; without it the PPO alignment tests cover the pruned forward)."""
+    cfg = models.preset("tiny-vocab", remat=True)
     params = models.init_params(cfg, jax.random.key(4), heads=("value",))
     rng = np.random.default_rng(7)
     tokens = rng.integers(0, cfg.vocab_size, (2, 9))
