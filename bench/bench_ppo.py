@@ -8,8 +8,9 @@ reward whitening, GAE (gamma 1, lambda 0.95), 4 epochs of 1 minibatch, lr 1e-5, 
 
 - rlhf_jax: `ppo_trainer.PPOFunctions` built as `train_policy.train_policy` builds it (mesh,
   param / optimizer-state shardings, `PPOSettings.from_config`, `ppo_trainer.make_optimizer`, the
-  `to_rollout` reshard); one iteration = `to_rollout` + `fns.rollout(...)` + `fns.update(...)` +
-  reading the stats back, as the train loop does. Compile time is reported apart.
+  `to_rollout` reshard); one iteration = `to_rollout` + `fns.rollout(...)` (its stages: prefill,
+  decode, reference, reward, finish, each timed) + `fns.update(...)` + reading the stats back, as
+  the train loop does. Every program is compiled ahead of time; compile time is reported apart.
 - PyTorch: `torch_ppo_reference.PPOReference`, the same iteration written in the style of TRL's
   PPO loop (HF `generate` with the KV cache, then forwards of policy, reference and reward model,
   GAE as a Python loop, 4 epochs of Adam steps); see that module's docstring.
@@ -21,7 +22,8 @@ reproduce the sampler's log-probs (policy = reference at that point).
 
     python bench/bench_ppo.py                          # 124M, batch 16, query 64, response 24
     python bench/bench_ppo.py --model tiny --repeats 3
-    python bench/bench_ppo.py --only jax --phases      # also time the rollout's parts apart
+    python bench/bench_ppo.py --only jax --repeats 2   # rlhf_jax alone (phases are always timed)
+    python bench/bench_ppo.py --device cuda --dtype bfloat16 --batch 512   # on a GPU (issue 15)
 
 Each side's first iteration (and JAX's compile) is reported apart; then `--warmup` untimed and
 `--repeats` timed rounds of one iteration per side, alternating (order swapped every round) so
@@ -35,7 +37,6 @@ its own intra-op thread pool, `--threads` sets torch's.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import tempfile
@@ -72,9 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed rounds (one iteration per side each)")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed rounds after each side's first iteration (JAX: after compile)")
-    p.add_argument("--phases", action="store_true",
-                   help="rlhf_jax: also time sampling, reference and reward forwards as separate "
-                        "jitted calls (extra compiles; for profiling)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: torch on the GPU and JAX on its default (GPU) backend")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="both sides: rlhf_jax's model.dtype; torch mixed precision (float32 "
+                        "weights, bfloat16 autocast)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="rlhf_jax: model.micro_batch_size (rows per forward/backward; 0 = all)")
     add_common_flags(p)
     return p.parse_args(argv)
 
@@ -99,33 +104,8 @@ def task_spec(args, config):
 
 
 # -- rlhf_jax ---------------------------------------------------------------------------------
-def _layout(config, settings, tx, mesh, rules):
-    """Shardings as train_policy builds them: `ppo_trainer.build_layout` where it exists."""
-    import jax
-
-    from rlhf_jax import models, ppo_trainer, sharding
-
-    if hasattr(ppo_trainer, "build_layout"):
-        lay = ppo_trainer.build_layout(config, config, settings, tx, mesh, rules)
-        return dict(state=lay.state, policy=lay.policy, ref=lay.ref, reward=lay.reward,
-                    trainable=lay.trainable, opt_state=lay.opt_state, rollout=lay.rollout)
-    # Older trees: the same construction, spelled out (train_policy before build_layout).
-    heads = ("value",)
-    policy = sharding.param_shardings(config, heads, mesh, rules)
-    trainable = {"policy": policy}
-    abstract = jax.eval_shape(
-        lambda: {"policy": models.init_params(config, jax.random.key(0), heads)})
-    opt_state = sharding.opt_state_shardings(tx, abstract, trainable, mesh)
-    repl = sharding.replicated(mesh)
-    return dict(state={"params": trainable, "opt_state": opt_state, "step": repl, "kl_coef": repl},
-                policy=policy, ref={"transformer": policy["transformer"]},
-                reward=sharding.param_shardings(config, ("reward",), mesh, rules),
-                trainable=trainable, opt_state=opt_state,
-                rollout=jax.tree.map(lambda _: repl, policy))
-
-
 def setup_jax(args, config, policy_params, rm_params, queries_list):
-    """Compiles rollout and update and runs the first iteration; returns (run(i), info)."""
+    """Compiles every PPO program and runs the first iteration; returns (run(i), info)."""
     import math
 
     import jax
@@ -134,120 +114,65 @@ def setup_jax(args, config, policy_params, rm_params, queries_list):
 
     from rlhf_jax import ppo_trainer, sharding
     from rlhf_jax.runs import nonfinite
+    from rlhf_jax import programs as programs_lib
 
     p = ppo_config(args)
     spec = task_spec(args, config)
     mesh = sharding.make_mesh(data=1, fsdp=-1, devices=jax.devices()[: args.devices])
     rules = sharding.DEFAULT_RULES
-    ppo_trainer.check_ppo_config(p, mesh)
-    settings = ppo_trainer.PPOSettings.from_config(p)
+    ppo_trainer.check_ppo_config(p, mesh, args.micro_batch)
+    settings = ppo_trainer.PPOSettings.from_config(p, args.micro_batch)
     num_updates = math.ceil(p.total_episodes / p.batch_size)
     tx = ppo_trainer.make_optimizer(p, num_updates)
-    lay = _layout(config, settings, tx, mesh, rules)
+    lay = ppo_trainer.build_layout(config, config, settings, tx, mesh, rules)
+    fns = lay.functions(config, config, spec, settings, tx, mesh)
     repl = sharding.replicated(mesh)
-    to_rollout = jax.jit(lambda params: params, in_shardings=(lay["policy"],),
-                         out_shardings=lay["rollout"])
-    fns = ppo_trainer.PPOFunctions(config, config, spec, settings, tx, mesh, lay["state"],
-                                   lay["policy"], lay["ref"], lay["reward"], None, lay["rollout"])
     rng_sample, rng_shuffle = jax.random.split(jax.random.key(args.seed), 2)
 
     ctx = sharding.mesh_context(mesh, rules)
     ctx.__enter__()  # left open for the life of the benchmark
-    trainable = jax.device_put({"policy": policy_params}, lay["trainable"])
-    ref = jax.device_put({"transformer": policy_params["transformer"]}, lay["ref"])
-    rm = jax.device_put(rm_params, lay["reward"])
+    trainable = jax.device_put({"policy": policy_params}, lay.trainable)
+    ref = jax.device_put({"transformer": policy_params["transformer"]}, lay.ref)
+    rm = jax.device_put(rm_params, lay.reward)
     box = {"state": {"params": trainable,
-                     "opt_state": jax.jit(tx.init, out_shardings=lay["opt_state"])(trainable),
+                     "opt_state": jax.jit(tx.init, out_shardings=lay.opt_state)(trainable),
                      "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
                      "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}}
     queries = [sharding.host_batch_to_global(q, mesh) for q in queries_list]
     jax.block_until_ready((box, ref, rm, queries))
 
+    # Every program compiled ahead of time, as train_policy runs them (timed apart).
+    programs = programs_lib.ppo_programs(fns, lay.to_rollout(), lay, config, mesh, rules, spec)
     t0 = time.perf_counter()
-    to_rollout_c = to_rollout.lower(box["state"]["params"]["policy"]).compile()
-    policy0 = to_rollout_c(box["state"]["params"]["policy"])
-    rollout_c = fns.rollout.lower(policy0, None, ref, rm, queries[0], box["state"]["kl_coef"],
-                                  rng_sample).compile()
-    compile_s = time.perf_counter() - t0
-    # The update is lowered with a real rollout's output, so its input layouts are exactly the
-    # ones it gets in the loop (that rollout's run time is not counted as compile time).
-    data0 = jax.block_until_ready(rollout_c(policy0, None, ref, rm, queries[0],
-                                            box["state"]["kl_coef"], rng_sample)[0])
-    t0 = time.perf_counter()
-    update_c = fns.update.lower(box["state"], data0, rng_shuffle).compile()
-    compile_s += time.perf_counter() - t0
-    del policy0, data0
-    info = {"compile_s": compile_s, "xla_temp_gb": {}}
-    for name, c in (("rollout", rollout_c), ("update", update_c)):
-        m = c.memory_analysis()
-        if m is not None:
-            info["xla_temp_gb"][name] = m.temp_size_in_bytes / 1e9
+    reports, to_rollout = programs_lib.compile_ppo(fns, lay.to_rollout(), programs, mesh, rules)
+    info = {"compile_s": time.perf_counter() - t0,
+            "xla_temp_gb": {r.name: r.temp_bytes / 1e9 for r in reports
+                            if r.name in ("decode", "reference", "update")}}
 
     def run(i):
         t0 = time.perf_counter()
         state = box.pop("state")
-        policy = to_rollout_c(state["params"]["policy"])
-        data, stats, extras = rollout_c(policy, None, ref, rm, queries[i], state["kl_coef"],
-                                        jax.random.fold_in(rng_sample, i))
-        jax.block_until_ready(data)
+        policy = to_rollout(state["params"]["policy"])
+        timings = {}
+        data, stats, extras = fns.rollout(policy, None, ref, rm, queries[i], state["kl_coef"],
+                                          jax.random.fold_in(rng_sample, i), timings)
+        del policy
         t1 = time.perf_counter()
         if "first_rollout" not in info:
             info["first_rollout"] = {k: np.asarray(v) for k, v in jax.device_get(data).items()}
-        state, train_stats, flags = update_c(state, data, jax.random.fold_in(rng_shuffle, i))
+        state, train_stats, flags = fns.update(state, data, jax.random.fold_in(rng_shuffle, i))
         # The train loop reads every stat back each iteration (finiteness check, KL control).
         stats = {k: float(v) for k, v in jax.device_get({**stats, **train_stats}).items()}
         assert int(flags) == 0, nonfinite.flag_names(int(flags))
         box["state"] = state
         info.setdefault("first_stats", stats)
-        return {"rollout": t1 - t0, "update": time.perf_counter() - t1}
+        return {"rollout": t1 - t0, "update": time.perf_counter() - t1,
+                **{f"rollout/{k}": v for k, v in timings.items()}}
 
     t0 = time.perf_counter()
     run(0)
     info["first_s"] = time.perf_counter() - t0
-    if args.phases:
-        info["rollout_parts"] = jax_rollout_parts(args, config, spec, ref, rm, queries[0],
-                                                  rng_sample)
     return run, info
-
-
-def jax_rollout_parts(args, config, spec, ref, rm, queries, rng) -> dict:
-    """Times the rollout's pieces as separate jitted calls: where does the rollout go?"""
-    import jax
-    import jax.numpy as jnp
-
-    from rlhf_jax import networks, sampling
-    from rlhf_jax.data import tasks
-
-    # The reference trunk has no value head; give it a zero one so the sampler does the same
-    # work as the policy's (values at every step).
-    d = config.n_embd
-    policy = dict(ref, value_head={"kernel": jnp.zeros((d, 1)), "bias": jnp.zeros((1,))})
-    context = tasks.format_context(queries, spec)
-    fns = {
-        "sample": jax.jit(functools.partial(sampling.sample, config=config,
-                                            response_length=spec.response_length,
-                                            temperature=spec.temperature)),
-        "ref_fwd": jax.jit(functools.partial(networks.response_logprobs, config=config,
-                                             temperature=spec.temperature, with_entropy=False)),
-        "reward": jax.jit(functools.partial(networks.reward, config=config)),
-    }
-    resp = jax.block_until_ready(fns["sample"](policy, context, rng))["responses"]
-    truncated = tasks.postprocess_responses(resp, spec)
-    calls = {
-        "sample": lambda i: fns["sample"](policy, context, jax.random.fold_in(rng, i)),
-        "ref_fwd": lambda i: fns["ref_fwd"](ref, context, resp),
-        "reward": lambda i: fns["reward"](rm, queries, truncated),
-    }
-    out = {}
-    for name, call in calls.items():
-        jax.block_until_ready(call(0))
-        ts = []
-        for i in range(2):
-            t0 = time.perf_counter()
-            jax.block_until_ready(call(1 + i))
-            ts.append(time.perf_counter() - t0)
-        out[name] = min(ts)
-    return out
 
 
 # -- PyTorch ----------------------------------------------------------------------------------
@@ -261,7 +186,8 @@ def setup_torch(args, ckpt_dir, rm_head, queries_list, first_rollout):
     torch.set_num_threads(args.threads or usable_cores())
     hp = ref_impl.Hyper(batch_size=args.batch, query_length=args.query,
                         response_length=args.response, kl_coef=args.kl_coef, lr=args.lr,
-                        noptepochs=args.noptepochs, nminibatches=args.nminibatches)
+                        noptepochs=args.noptepochs, nminibatches=args.nminibatches,
+                        device=args.device, dtype=args.dtype)
     runner = ref_impl.PPOReference(ckpt_dir, rm_head, hp, seed=args.seed)
     info = {"threads": torch.get_num_threads(), "attn": runner.attn}
 
@@ -270,8 +196,9 @@ def setup_torch(args, ckpt_dir, rm_head, queries_list, first_rollout):
         # against torch's reference forward on the same tokens: same weights, same maths.
         ctx = torch.from_numpy(np.asarray(first_rollout["context"], np.int64))
         resp = torch.from_numpy(np.asarray(first_rollout["responses"], np.int64))
-        with torch.no_grad():
-            lp = runner.ref_logprobs(torch.cat([ctx, resp], 1), ctx.shape[1]).numpy()
+        with torch.no_grad(), runner.autocast():
+            lp = runner.ref_logprobs(torch.cat([ctx, resp], 1).to(runner.device),
+                                     ctx.shape[1]).float().cpu().numpy()
         info["check_logprob_maxdiff"] = float(np.max(np.abs(lp - first_rollout["logprobs"])))
 
     qs = [torch.from_numpy(np.asarray(q, np.int64)) for q in queries_list]
@@ -305,13 +232,13 @@ def main(argv=None) -> None:
 
     if args.batch % args.devices:
         sys.exit(f"--batch {args.batch} is not divisible by --devices {args.devices}")
-    config = models.preset(args.model)
+    config = models.preset(args.model, dtype=args.dtype)
     if args.query + args.response > config.n_positions:
         sys.exit(f"query + response exceeds n_positions={config.n_positions}")
-    print_header()
+    load_start = print_header()
     print(f"shapes: model {args.model} ({config.n_layer}L d{config.n_embd} vocab "
           f"{config.vocab_size}), batch {args.batch}, query {args.query}, response "
-          f"{args.response}, float32; T 0.7, truncate at 13 from 16, penalty -1, kl_coef "
+          f"{args.response}, {args.dtype} on {args.device}; T 0.7, truncate at 13 from 16, penalty -1, kl_coef "
           f"{args.kl_coef}, whiten rewards, gamma 1, lam 0.95, {args.noptepochs} epochs x "
           f"{args.nminibatches} minibatch, lr {args.lr}; repeats {args.repeats}, warmup "
           f"{args.warmup}")
@@ -379,9 +306,6 @@ def main(argv=None) -> None:
         pt["rollout"] = sum(pt[k] for k in PHASES_TORCH[:5])
     if "rlhf_jax" in runs:
         print("  rlhf_jax: " + ", ".join(f"{k} {v:.2f}" for k, v in ph["rlhf_jax"].items()))
-        if "rollout_parts" in info["rlhf_jax"]:
-            print("  rlhf_jax rollout parts as separate jitted calls (min s): " + ", ".join(
-                f"{k} {v:.2f}" for k, v in info["rlhf_jax"]["rollout_parts"].items()))
 
     print()
     print(f"{'side':9s} {'median s/it':>12s} {'min s/it':>9s} {'CPU s/it':>9s} "
@@ -402,14 +326,14 @@ def main(argv=None) -> None:
         print("| model | batch | query | response | torch s/it | rlhf_jax s/it | torch eps/s "
               "| rlhf_jax eps/s | ratio (medians) | ratio (paired) | rollout s torch / rlhf_jax "
               "| update s torch / rlhf_jax | CPU s/it torch / rlhf_jax "
-              "| peak RSS GB torch / rlhf_jax | jax compile s |")
+              "| peak RSS GB torch / rlhf_jax | jax compile s | load avg start / end |")
         print(f"| {args.model} | {args.batch} | {args.query} | {args.response} "
               f"| {rt['median_s']:.1f} | {rj['median_s']:.1f} | {rt['rate_median']:.3f} "
               f"| {rj['rate_median']:.3f} | {ratio_med:.2f}x | {paired} "
               f"| {pt['rollout']:.1f} / {pj['rollout']:.1f} | {pt['update']:.1f} / {pj['update']:.1f} "
               f"| {rt['cpu_median_s']:.1f} / {rj['cpu_median_s']:.1f} "
               f"| {info['torch']['peak_gb']:.1f} / {info['rlhf_jax']['peak_gb']:.1f} "
-              f"| {info['rlhf_jax']['compile_s']:.0f} |")
+              f"| {info['rlhf_jax']['compile_s']:.0f} | {load_start} / {loadavg().split()[0]} |")
     print(f"({args.batch} episodes per iteration; episodes/s = batch / wall time of one iteration; "
           f"medians over {args.repeats} rounds"
           f"{', sides timed one after the other' if args.sequential else ', sides alternating'}; "

@@ -155,7 +155,8 @@ def setup_env(args) -> None:
     xla_flags = " ".join(f for f in flags if f).strip()
     if xla_flags:
         os.environ["XLA_FLAGS"] = xla_flags
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if getattr(args, "device", "cpu") == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # Run from a checkout without `pip install -e .` (or from an experimental copy).
@@ -163,7 +164,8 @@ def setup_env(args) -> None:
     sys.path.insert(0, os.path.abspath(root))
 
 
-def print_header() -> None:
+def print_header() -> str:
+    """Prints the command, machine, versions and load; returns the 1-minute load at start."""
     import jax
 
     import rlhf_jax
@@ -181,7 +183,9 @@ def print_header() -> None:
     print(f"jax devices: {jax.devices()} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"rlhf_jax from: {os.path.dirname(os.path.dirname(os.path.abspath(rlhf_jax.__file__)))}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
-    print(f"load average at start: {loadavg()}")
+    load = loadavg()
+    print(f"load average at start: {load}")
+    return load.split()[0]
 
 
 def timed_rounds(runs: dict, args, first_index: int) -> dict:
@@ -412,7 +416,7 @@ def main(argv=None) -> None:
     config = models.preset(args.model)
     if args.query + args.response > config.n_positions:
         sys.exit(f"query + response exceeds n_positions={config.n_positions}")
-    print_header()
+    load_start = print_header()
     seqs = args.batch * args.num_samples
     print(f"shapes: model {args.model} ({config.n_layer}L d{config.n_embd} vocab "
           f"{config.vocab_size}), batch {args.batch} labels x {args.num_samples} samples = {seqs} "
@@ -473,12 +477,12 @@ def main(argv=None) -> None:
         print()
         print("| model | batch (labels) | query | response | torch labels/s | rlhf_jax labels/s "
               "| ratio (medians) | ratio (paired) | CPU s/step torch / rlhf_jax "
-              "| peak RSS GB torch / rlhf_jax | jax compile s |")
+              "| peak RSS GB torch / rlhf_jax | jax compile s | load avg start / end |")
         print(f"| {args.model} | {args.batch} | {args.query} | {args.response} "
               f"| {rt['rate_median']:.3f} | {rj['rate_median']:.3f} | {ratio_med:.2f}x "
               f"| {paired} | {rt['cpu_median_s']:.1f} / {rj['cpu_median_s']:.1f} "
               f"| {info['torch']['peak_gb']:.1f} / {info['rlhf_jax']['peak_gb']:.1f} "
-              f"| {info['rlhf_jax']['compile_s']:.0f} |")
+              f"| {info['rlhf_jax']['compile_s']:.0f} | {load_start} / {loadavg().split()[0]} |")
     print(f"({args.batch} labels = {seqs} sequences per step; labels/s = batch / wall time of one "
           f"train step; medians over {args.repeats} rounds"
           f"{', sides timed one after the other' if args.sequential else ', sides alternating'}; "

@@ -253,7 +253,8 @@ def main(argv=None) -> None:
     print(f"shapes: model {args.model} ({config.n_layer}L d{config.n_embd} vocab {config.vocab_size}), "
           f"batch {args.batch}, query {args.query}, response {args.response}, {args.dtype}, "
           f"T={args.temperature}, repeats {args.repeats}, warmup {args.warmup}")
-    print(f"load average at start: {loadavg()}")
+    load_start = loadavg()
+    print(f"load average at start: {load_start}")
 
     params = models.init_params(config, jax.random.key(args.seed), heads=("value",))
     rs = np.random.RandomState(args.seed)
@@ -299,11 +300,12 @@ def main(argv=None) -> None:
               f"{ratio_best:.2f}x (bests), {paired:.2f}x (median of per-round ratios)")
         print()
         print("| model | batch | query | response | dtype | torch tok/s | rlhf_jax tok/s | ratio "
-              "| jax compile s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| jax compile s | load avg start / end |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         print(f"| {args.model} | {args.batch} | {args.query} | {args.response} | {args.dtype} "
               f"| {rt['tok_s_median']:.1f} | {rj['tok_s_median']:.1f} | {ratio_med:.2f}x "
-              f"| {info['rlhf_jax']['compile_s']:.1f} |")
+              f"| {info['rlhf_jax']['compile_s']:.1f} "
+              f"| {load_start.split()[0]} / {loadavg().split()[0]} |")
     print(f"({tokens} tokens per call; tokens/s = batch*response / wall time of one call, "
           f"prefill + decode; medians over {args.repeats} rounds)")
 

@@ -23,6 +23,11 @@ One iteration (`PPOReference.iteration`), phase by phase (each timed):
 6. `update`: `noptepochs` epochs x `nminibatches` minibatches of clipped policy + value loss,
    each one Adam step (a fresh permutation per epoch).
 
+Device and precision (`Hyper.device`, `Hyper.dtype`): "cpu" or "cuda"; "float32", or
+"bfloat16" as mixed precision (float32 master weights and Adam state, forwards under
+`torch.autocast(dtype=torch.bfloat16)`), the counterpart of rlhf_jax's `model.dtype=bfloat16`.
+On CUDA every phase timing synchronizes the device first.
+
 Masks and position ids are built TRL style (mask = ids != pad, positions = cumsum(mask) - mask,
 pads replaced by id 0). Logits are computed only at the positions that predict response tokens
 (TRL computes them at every position and slices afterwards; slicing first makes this baseline
@@ -64,6 +69,8 @@ class Hyper:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = True
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 def whiten(x: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -121,7 +128,7 @@ class RewardModel(torch.nn.Module):
         hidden = self.trunk(input_ids=ids, attention_mask=mask,
                             position_ids=positions).last_hidden_state
         last = mask.sum(1) - 1  # right padding only: the last real token
-        h = hidden[torch.arange(hidden.shape[0]), last]
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(h).squeeze(-1) * self.gain + self.norm_bias
 
 
@@ -135,7 +142,10 @@ class PPOReference:
     def __init__(self, ckpt_dir: str, reward_head: dict, hp: Hyper, seed: int = 0):
         transformers.utils.logging.disable_progress_bar()
         self.hp = hp
-        self.gen = torch.Generator().manual_seed(seed)
+        if hp.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={hp.dtype!r}: expected float32 or bfloat16")
+        self.device = torch.device(hp.device)
+        self.gen = torch.Generator().manual_seed(seed)  # minibatch permutations, on the host
         torch.manual_seed(seed)
         load_lm = lambda: transformers.GPT2LMHeadModel.from_pretrained(  # noqa: E731
             ckpt_dir, dtype=torch.float32)
@@ -154,9 +164,22 @@ class PPOReference:
             max_new_tokens=hp.response_length, min_new_tokens=hp.response_length,
             eos_token_id=None, pad_token_id=0, use_cache=True,
         )
+        for model in (self.policy, self.ref, self.reward_model):
+            model.to(self.device)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=hp.lr, betas=(0.9, 0.999),
                                     eps=hp.adam_eps)
         self.attn = getattr(self.policy.lm.config, "_attn_implementation", "n/a")
+
+    def autocast(self):
+        """bfloat16 compute with float32 weights when `hp.dtype` is bfloat16, else a no-op."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.hp.dtype == "bfloat16")
+
+    def now(self) -> float:
+        """A timestamp after the device has finished its queued work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # -- rollout -----------------------------------------------------------------------------
     def ref_logprobs(self, query_responses: torch.Tensor, context_length: int) -> torch.Tensor:
@@ -168,7 +191,7 @@ class PPOReference:
 
     def truncate(self, responses: torch.Tensor):
         hp = self.hp
-        idx = torch.arange(responses.shape[1])
+        idx = torch.arange(responses.shape[1], device=responses.device)
         hits = (responses == hp.truncate_token) & (idx >= hp.truncate_after)
         after = (hits.long().cumsum(1) - hits.long()) > 0
         return responses.masked_fill(after, hp.pad_id), hits.any(1)
@@ -181,40 +204,42 @@ class PPOReference:
         """
         hp = self.hp
         t = {}
+        queries = queries.to(self.device)
         ctx = queries.shape[1]
-        with torch.no_grad():
-            t0 = time.perf_counter()
+        time_now = self.now
+        with torch.no_grad(), self.autocast():
+            t0 = time_now()
             out = self.policy.lm.generate(queries, attention_mask=torch.ones_like(queries),
                                           **self.gen_kwargs)
             responses = out[:, ctx:]
             if responses.shape[1] != hp.response_length:
                 raise RuntimeError(f"generate produced {responses.shape[1]} tokens")
-            t["generate"] = time.perf_counter() - t0
+            t["generate"] = time_now() - t0
 
-            t0 = time.perf_counter()
+            t0 = time_now()
             logits, values = self.policy.response_outputs(out, ctx, hp.temperature, hp.pad_id)
-            logprobs = logprobs_of(logits, responses)
+            logprobs, values = logprobs_of(logits, responses).float(), values.float()
             del logits
-            t["policy_fwd"] = time.perf_counter() - t0
+            t["policy_fwd"] = time_now() - t0
 
-            t0 = time.perf_counter()
-            ref_logprobs = self.ref_logprobs(out, ctx)
-            t["ref_fwd"] = time.perf_counter() - t0
+            t0 = time_now()
+            ref_logprobs = self.ref_logprobs(out, ctx).float()
+            t["ref_fwd"] = time_now() - t0
 
-            t0 = time.perf_counter()
+            t0 = time_now()
             truncated, valid = self.truncate(responses)
-            raw = self.reward_model(torch.cat([queries, truncated], 1), hp.pad_id)
+            raw = self.reward_model(torch.cat([queries, truncated], 1), hp.pad_id).float()
             scores = torch.where(valid, raw, torch.full_like(raw, hp.penalty))
-            t["reward"] = time.perf_counter() - t0
+            t["reward"] = time_now() - t0
 
-            t0 = time.perf_counter()
+            t0 = time_now()
             kl = logprobs - ref_logprobs
             non_score = -hp.kl_coef * kl
             rewards = non_score.clone()
             rewards[:, -1] += scores
             if hp.whiten_rewards:
                 rewards = whiten(rewards, shift_mean=False)
-            lastgaelam = torch.zeros(rewards.shape[0])
+            lastgaelam = torch.zeros(rewards.shape[0], device=rewards.device)
             adv_reversed = []
             length = rewards.shape[1]
             for step in reversed(range(length)):
@@ -225,18 +250,20 @@ class PPOReference:
             advantages = torch.stack(adv_reversed[::-1], 1)
             returns = advantages + values
             advantages = whiten(advantages)
-            t["advantages"] = time.perf_counter() - t0
+            t["advantages"] = time_now() - t0
 
-        t0 = time.perf_counter()
+        t0 = time_now()
         mb_size = hp.batch_size // hp.nminibatches
         sums: dict[str, float] = {}
         for _ in range(hp.noptepochs):
-            perm = torch.randperm(hp.batch_size, generator=self.gen)
+            perm = torch.randperm(hp.batch_size, generator=self.gen).to(self.device)
             for start in range(0, hp.batch_size, mb_size):
                 idx = perm[start : start + mb_size]
                 mb_resp = responses[idx]
-                new_logits, vpred = self.policy.response_outputs(
-                    out[idx], ctx, hp.temperature, hp.pad_id)
+                with self.autocast():
+                    new_logits, vpred = self.policy.response_outputs(
+                        out[idx], ctx, hp.temperature, hp.pad_id)
+                new_logits, vpred = new_logits.float(), vpred.float()
                 new_logprobs = logprobs_of(new_logits, mb_resp)
                 mb_values, mb_returns, mb_adv = values[idx], returns[idx], advantages[idx]
                 vpred_clipped = mb_values + (vpred - mb_values).clamp(-hp.cliprange_value,
@@ -266,7 +293,7 @@ class PPOReference:
                     }
                 for k, v in step_stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-        t["update"] = time.perf_counter() - t0
+        t["update"] = time_now() - t0
         n = hp.noptepochs * hp.nminibatches
         stats = {k: v / n for k, v in sums.items()}
         stats |= {

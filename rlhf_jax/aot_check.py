@@ -10,7 +10,10 @@ The topology names a TPU generation and its chip grid ("v3:2x2" is a v3-8, "v4:2
 and lowered on abstract inputs (no weights are read, `config.model.checkpoint` is ignored):
 
 - `to_rollout`: the policy resharded to replicated for sampling;
-- `rollout`: sampling with the KV cache, reference log-probs, reward scores, KL rewards;
+- the rollout stages (`--programs=rollout` for all of them): `prefill` (contexts through the
+  policy, KV cache filled), `decode` (the sampling loop), `value` (a separate value network
+  only), `reference` (reference log-probs), `reward` (reward scores with the penalty),
+  `finish` (KL rewards and statistics);
 - `update`: `noptepochs` x `nminibatches` PPO steps on the donated train state;
 - `reward_train`, `reward_sample`: one reward-model step, and the reward stage's sampling of
   `rewards.rollout_batch_size` responses (for normalisation) from the FSDP-sharded trunk.
@@ -38,7 +41,6 @@ import math
 import os
 import re
 import sys
-import time
 from typing import Any, Sequence
 
 import jax
@@ -46,13 +48,28 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 
-from rlhf_jax import cli, experiment, flops, label_types, models, ppo_trainer, sharding, train_reward
+from rlhf_jax import cli, experiment, flops, label_types, ppo_trainer, sharding, train_reward
+from rlhf_jax import programs as programs_lib
 from rlhf_jax.data import tasks
+# The compiling machinery lives in `rlhf_jax.programs`; these names are part of this module's API.
+from rlhf_jax.programs import (  # noqa: F401
+    Program,
+    ProgramReport,
+    abstract,
+    abstract_key,
+    compile_ppo,
+    compile_program,
+    device_bytes,
+    parse_oom,
+    ppo_programs,
+)
 
 GIB = flops.GIB
-PPO_PROGRAMS = ("to_rollout", "rollout", "update")
+ROLLOUT_PROGRAMS, PPO_PROGRAMS = programs_lib.ROLLOUT_PROGRAMS, programs_lib.PPO_PROGRAMS
 REWARD_PROGRAMS = ("reward_train", "reward_sample")
 ALL_PROGRAMS = PPO_PROGRAMS + REWARD_PROGRAMS
+# Names that stand for several programs in `--programs`.
+PROGRAM_GROUPS = {"rollout": ROLLOUT_PROGRAMS, "ppo": PPO_PROGRAMS}
 
 LIBTPU_MISSING = (
     "compiling for a TPU topology needs libtpu, which is not installed: run `pip install "
@@ -70,11 +87,6 @@ TPU_GENERATIONS: dict[str, tuple[int, dict[str, Any]]] = {
     "tpu7x": (3, {}),
 }
 TOPOLOGY_EXAMPLES = "v3:2x2 (v3-8), v4:2x2x1 (v4-8), v5e:2x4 (v5litepod-8), v6e:2x2"
-
-# The TPU compiler's out-of-memory error, e.g. "... the total memory required for HLO
-# temporaries (17.89G) exceeds available HBM (15.75G)". Its G are GiB.
-_OOM_RE = re.compile(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
-
 
 class TopologyError(ValueError):
     """A topology string that does not name a TPU slice."""
@@ -157,14 +169,6 @@ def topology_devices(topology: Topology) -> list:
     return list(desc.devices)
 
 
-def parse_oom(message: str) -> tuple[int, int] | None:
-    """(needed, available) bytes per device from a TPU compiler out-of-memory error, or None."""
-    m = _OOM_RE.search(message)
-    if not m:
-        return None
-    return int(float(m.group(1)) * GIB), int(float(m.group(2)) * GIB)
-
-
 def usable_hbm_bytes(devices: Sequence) -> int | None:
     """The HBM per device the TPU compiler allows a program, or None if unknown.
 
@@ -172,6 +176,10 @@ def usable_hbm_bytes(devices: Sequence) -> int | None:
     compile with a message naming the available HBM. Falls back to `flops.DEVICE_SPECS`.
     """
     kind = devices[0].device_kind
+    if devices[0].platform == "gpu":
+        stats = devices[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
     if devices[0].platform == "tpu":
         mesh = jax.sharding.Mesh(list(devices), ("d",))
         out = NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
@@ -187,49 +195,6 @@ def usable_hbm_bytes(devices: Sequence) -> int | None:
 
 
 # -- reports --------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ProgramReport:
-    """Per-device memory and FLOPs of one compiled program.
-
-    Attributes:
-        name: program name (see the module docstring).
-        argument_bytes, output_bytes, alias_bytes, temp_bytes: from `memory_analysis()`;
-            alias bytes are outputs that reuse donated arguments.
-        resident_bytes: arrays train_policy holds while this program runs that are not its
-            arguments (see `build_ppo`).
-        flops: FLOPs per device from the compiler's `cost_analysis()`. XLA counts each loop
-            body once, so loops (sampling steps, PPO epochs and minibatches, and the loops it
-            adds itself for collective matmuls on multi-host slices) are undercounted.
-        compile_seconds: wall time of `.lower().compile()`.
-        oom_bytes: when the compiler refused the program for lack of memory, what it said the
-            program alone needs; the byte counts above are then 0.
-        freeable_bytes: the part of `resident_bytes` train_policy could free before this program
-            (buffers of the previous iteration it still references).
-    """
-
-    name: str
-    argument_bytes: int = 0
-    output_bytes: int = 0
-    alias_bytes: int = 0
-    temp_bytes: int = 0
-    resident_bytes: int = 0
-    flops: float = 0.0
-    compile_seconds: float = 0.0
-    oom_bytes: int | None = None
-    freeable_bytes: int = 0
-
-    @property
-    def program_bytes(self) -> int:
-        """Peak of the program alone: arguments, outputs not aliased to them, temporaries."""
-        if self.oom_bytes is not None:
-            return self.oom_bytes
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-
-    @property
-    def total_bytes(self) -> int:
-        return self.program_bytes + self.resident_bytes
-
 
 @dataclasses.dataclass
 class Report:
@@ -337,96 +302,27 @@ def format_report(report: Report) -> str:
 
 # -- building the programs -------------------------------------------------------------------
 
-def device_bytes(tree) -> int:
-    """Bytes per device of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            itemsize = 8  # a threefry key is two uint32 words
-        else:
-            itemsize = jnp.dtype(leaf.dtype).itemsize
-        total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * itemsize
-    return total
-
-
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        tree, shardings)
-
-
-@dataclasses.dataclass
-class _Pending:
-    """A program to compile: its jitted function, abstract arguments and resident bytes."""
-
-    name: str
-    fn: Any
-    args: tuple
-    resident: int
-    freeable: int = 0
-
-
-def _key(mesh) -> jax.ShapeDtypeStruct:
-    k = jax.eval_shape(lambda: jax.random.key(0))
-    return jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=sharding.replicated(mesh))
-
-
 def build_ppo(config: ml_collections.ConfigDict, mesh, rules,
-              spec: tasks.TaskSpec) -> list[_Pending]:
+              spec: tasks.TaskSpec) -> list[Program]:
     """The PPO programs as train_policy builds them, with what it holds while each runs.
 
     Resident bytes follow `train_policy.train_policy`: the train state (params, Adam slots) and
     the frozen reference and reward params live throughout; the replicated rollout copy of the
-    policy and the rollout's outputs stay referenced until the next iteration reassigns them
-    (those are the "freeable" bytes).
+    policy lives from `to_rollout` to the end of the rollout, and each rollout stage's outputs
+    until the update has consumed them (train_policy drops them at the end of an iteration).
     """
     p = config.ppo
-    ppo_trainer.check_ppo_config(p, mesh)
-    settings = ppo_trainer.PPOSettings.from_config(p)
+    micro = config.model.get("micro_batch_size", 0)
+    ppo_trainer.check_ppo_config(p, mesh, micro)
+    settings = ppo_trainer.PPOSettings.from_config(p, micro)
     gpt_cfg = experiment.gpt2_config(config)
     # The reward model (and a separate value network) are trained from the same initial model.
     rm_cfg = gpt_cfg
     num_updates = math.ceil(p.total_episodes / p.batch_size)
     tx = ppo_trainer.make_optimizer(p, num_updates)
     layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
-    to_rollout = layout.to_rollout()
     fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
-
-    repl = sharding.replicated(mesh)
-    state = _abstract(layout.abstract_state, layout.state)
-    trainable = layout.abstract_trainable
-    ref = _abstract({"transformer": trainable["policy"]["transformer"]}, layout.ref)
-    rm = _abstract(jax.eval_shape(lambda: models.init_params(rm_cfg, jax.random.key(0),
-                                                             ("reward",))), layout.reward)
-    policy = state["params"]["policy"]
-    value = state["params"].get("value")
-    rollout_policy = _abstract(trainable["policy"], layout.rollout)
-    queries = jax.ShapeDtypeStruct((p.batch_size, spec.query_length), jnp.int32,
-                                   sharding=sharding.batch_sharding(mesh))
-    kl_coef = jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)
-
-    rollout_args = (rollout_policy, value, ref, rm, queries, kl_coef, _key(mesh))
-    # The update's inputs are the rollout's outputs. Their shapes come from tracing (no need to
-    # compile the rollout first); `_rollout` constrains `data` to the batch sharding, and the
-    # other outputs are per-rollout arrays or scalar statistics.
-    with sharding.mesh_context(mesh, rules):
-        outputs = jax.eval_shape(fns.rollout, *rollout_args)
-    outputs = _abstract(outputs, jax.tree.map(
-        lambda a: sharding.batch_sharding(mesh) if a.ndim else repl, outputs))
-    data = outputs[0]
-
-    state_b, ref_b, rm_b = device_bytes(state), device_bytes(ref), device_bytes(rm)
-    copy_b, out_b = device_bytes(rollout_policy), device_bytes(outputs)
-    value_b = device_bytes(value) if value is not None else 0
-    policy_b = device_bytes(policy)
-    return [
-        # The previous iteration's rollout copy and outputs are still referenced here.
-        _Pending("to_rollout", to_rollout, (policy,),
-                 state_b - policy_b + ref_b + rm_b + copy_b + out_b, freeable=copy_b + out_b),
-        _Pending("rollout", fns.rollout, rollout_args, state_b - value_b + out_b,
-                 freeable=out_b),
-        _Pending("update", fns.update, (state, data, _key(mesh)),
-                 ref_b + rm_b + copy_b + out_b - device_bytes(data), freeable=copy_b),
-    ]
+    return ppo_programs(fns, layout.to_rollout(), layout, rm_cfg, mesh, rules, spec)
 
 
 def _reward_setup(config, mesh, rules, spec, gpt_cfg):
@@ -452,14 +348,14 @@ class _NoLabelSetup:
 
 
 def build_reward(config: ml_collections.ConfigDict, mesh, rules,
-                 spec: tasks.TaskSpec) -> list[_Pending]:
+                 spec: tasks.TaskSpec) -> list[Program]:
     """The reward stage's train step and normalisation sampler, as train_reward builds them."""
     gpt_cfg = experiment.gpt2_config(config)
     setup = _reward_setup(config, mesh, rules, spec, gpt_cfg)
     trainer = train_reward.RewardTrainer(setup)
     r = config.rewards
-    state = _abstract(trainer.abstract_state(), trainer.state_sharding)
-    ref = _abstract({"transformer": state["params"]["transformer"]}, trainer.trunk_sharding)
+    state = abstract(trainer.abstract_state(), trainer.state_sharding)
+    ref = abstract({"transformer": state["params"]["transformer"]}, trainer.trunk_sharding)
     batch_sh = sharding.batch_sharding(mesh)
     lt = setup.label_type
     batch = {
@@ -473,42 +369,31 @@ def build_reward(config: ml_collections.ConfigDict, mesh, rules,
                                    sharding=batch_sh)
     return [
         # train_reward holds the initial trunk (for normalisation) next to the train state.
-        _Pending("reward_train", trainer.train_step, (state, batch), device_bytes(ref)),
-        _Pending("reward_sample", trainer.sample_fn, (ref, context, _key(mesh)),
+        Program("reward_train", trainer.train_step, (state, batch), device_bytes(ref)),
+        Program("reward_sample", trainer.sample_fn, (ref, context, abstract_key(mesh)),
                  device_bytes(state)),
     ]
-
-
-def _compile(pending: _Pending, mesh, rules) -> ProgramReport:
-    t0 = time.time()
-    report = ProgramReport(pending.name, resident_bytes=pending.resident,
-                           freeable_bytes=pending.freeable)
-    try:
-        with sharding.mesh_context(mesh, rules):
-            compiled = pending.fn.lower(*pending.args).compile()
-    except jax.errors.JaxRuntimeError as e:
-        parsed = parse_oom(str(e))
-        if parsed is None:
-            raise
-        report.oom_bytes = parsed[0]
-        report.compile_seconds = time.time() - t0
-        return report
-    report.compile_seconds = time.time() - t0
-    mem = compiled.memory_analysis()
-    report.argument_bytes = int(mem.argument_size_in_bytes)
-    report.output_bytes = int(mem.output_size_in_bytes)
-    report.alias_bytes = int(mem.alias_size_in_bytes)
-    report.temp_bytes = int(mem.temp_size_in_bytes)
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax returned one dict per partition
-        cost = cost[0] if cost else {}
-    report.flops = float((cost or {}).get("flops", 0.0))
-    return report
 
 
 def analytic_flops(config: ml_collections.ConfigDict, spec: tasks.TaskSpec) -> dict[str, float]:
     """`flops.ppo_iteration_flops` for a config."""
     return flops.ppo_config_flops(experiment.gpt2_config(config), config.ppo, spec)
+
+
+def expand_programs(programs: Sequence[str]) -> tuple[str, ...]:
+    """Program names with groups ("rollout", "ppo") expanded.
+
+    Raises:
+        ValueError: on a name that is neither a program nor a group.
+    """
+    out = []
+    for name in programs:
+        out += PROGRAM_GROUPS.get(name, (name,))
+    unknown = sorted(set(out) - set(ALL_PROGRAMS))
+    if unknown:
+        raise ValueError(f"unknown programs {unknown}; known: {', '.join(ALL_PROGRAMS)} (groups: "
+                         f"{', '.join(PROGRAM_GROUPS)})")
+    return tuple(out)
 
 
 def run_check(config: ml_collections.ConfigDict, topology: str,
@@ -521,7 +406,7 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
         topology: a TPU topology ("v5e:2x4"); "cpu" for this machine's CPU devices (no libtpu
             needed; the memory limit is then only what `hbm_bytes` says); or "local" for
             `jax.devices()`, e.g. on a TPU VM before a run starts.
-        programs: which of ALL_PROGRAMS to compile.
+        programs: which of ALL_PROGRAMS (or PROGRAM_GROUPS) to compile.
         hbm_bytes: overrides the per-device memory limit (e.g. to keep headroom).
         log: called with a line of progress per compiled program.
 
@@ -533,9 +418,7 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
         LibtpuMissingError: libtpu is missing.
         ValueError: a batch size the mesh does not divide, or another bad config field.
     """
-    unknown = set(programs) - set(ALL_PROGRAMS)
-    if unknown:
-        raise ValueError(f"unknown programs {sorted(unknown)}; known: {', '.join(ALL_PROGRAMS)}")
+    programs = expand_programs(programs)
     if topology == "cpu":
         devices = jax.devices("cpu")
     elif topology == "local":
@@ -558,7 +441,7 @@ def run_check(config: ml_collections.ConfigDict, topology: str,
         if program.name not in programs:
             continue
         log(f"compiling {program.name} ...")
-        reports.append(_compile(program, mesh, rules))
+        reports.append(compile_program(program, mesh, rules)[0])
         log(f"  {program.name}: {reports[-1].total_bytes / GIB:.2f} GiB per device "
             f"({reports[-1].compile_seconds:.0f}s)")
     return Report(

@@ -22,8 +22,16 @@ logger = logging.getLogger(__name__)
 
 
 def gpt2_config(config: ml_collections.ConfigDict) -> models.GPT2Config:
-    """The GPT2Config of the run's initial model (shapes from the preset)."""
+    """The GPT2Config of the run's initial model (shapes from the preset).
+
+    Raises:
+        ValueError: `model.dtype` is not "float32" or "bfloat16", naming the flag.
+    """
     m = config.model
+    if m.dtype not in models.gpt2.DTYPES:
+        raise ValueError(f"--config.model.dtype={m.dtype!r}: expected one of "
+                         f"{', '.join(models.gpt2.DTYPES)} (float32: true float32 matmuls as the "
+                         "original; bfloat16: bfloat16 matmuls with float32 master params)")
     return models.preset(m.preset, dtype=m.dtype, remat=m.remat)
 
 

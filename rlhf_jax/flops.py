@@ -21,8 +21,11 @@ then `noptepochs` passes of training over the batch (the minibatch split does no
 Peak FLOP/s are per JAX device (`jax.devices()[0].device_kind`): a TPU v2/v3 device is one
 TensorCore (half a chip); TPU v4 and v5p devices are whole chips (megacore, the default on their
 VMs); TPU v5e and v6e chips have one TensorCore; a TPU7x device is one of a chip's two
-TensorCores. The "float32" column is the rate of float32 matmuls at JAX's default precision:
-one bfloat16 pass on TPU (so equal to bfloat16), TF32 tensor cores on NVIDIA GPUs.
+TensorCores. The "float32" column is the rate of the true float32 matmuls that
+`model.dtype="float32"` asks for (`Precision.HIGHEST`): six bfloat16 passes on TPU (so a sixth of
+the bfloat16 peak, per `jax.lax.Precision`'s documentation), the CUDA-core FP32 rate on NVIDIA
+GPUs (not TF32). HBM bandwidth (bytes/s) is the roofline of a decode step, which reads every
+weight and the KV cache once per generated token.
 """
 
 from __future__ import annotations
@@ -40,38 +43,42 @@ class DeviceSpec:
 
     Attributes:
         peak_bf16: peak dense bfloat16 FLOP/s.
-        peak_fp32: peak FLOP/s of float32 matmuls at JAX's default precision.
+        peak_fp32: peak FLOP/s of true float32 matmuls (`Precision.HIGHEST`).
         hbm_bytes: device memory the XLA TPU compiler lets a program use (measured with libtpu
             0.0.52: the "available HBM" of its out-of-memory error), or None where the memory
             varies by model (GPUs); `rlhf_jax.aot_check` asks the compiler itself.
+        hbm_bandwidth: peak memory bandwidth in bytes/s (datasheet), or None if unknown.
     """
 
     peak_bf16: float
     peak_fp32: float
     hbm_bytes: int | None = None
+    hbm_bandwidth: float | None = None
 
 
-def _tpu(peak_bf16: float, hbm_gib: float) -> DeviceSpec:
-    return DeviceSpec(peak_bf16, peak_bf16, int(hbm_gib * GIB))
+def _tpu(peak_bf16: float, hbm_gib: float, bandwidth: float) -> DeviceSpec:
+    # Precision.HIGHEST runs a float32 matmul as 6 bfloat16 passes on TPU.
+    return DeviceSpec(peak_bf16, peak_bf16 / 6, int(hbm_gib * GIB), bandwidth)
 
 
 # Keys are `device_kind` strings. TPU ones were checked against the devices of
 # `jax.experimental.topologies.get_topology_desc` (v2:2x2 ... tpu7x:2x2x1); NVIDIA ones are the
 # CUDA device names, matched by prefix (e.g. "NVIDIA H100 80GB HBM3" -> "NVIDIA H100").
-# Sources: Cloud TPU system architecture pages (per-chip bf16 peak, halved where a device is one
-# of two TensorCores) and NVIDIA's H100/H200/A100 datasheets (dense, without sparsity).
+# Sources: Cloud TPU system architecture pages (per-chip bf16 peak and HBM bandwidth, halved
+# where a device is one of two TensorCores) and NVIDIA's H100/H200/A100 datasheets (dense,
+# without sparsity; FP32 is the non-tensor-core rate; A100 is the 80 GB SXM part).
 DEVICE_SPECS: dict[str, DeviceSpec] = {
-    "TPU v2": _tpu(22.5e12, 7.48),          # 45 TFLOP/s per chip, 2 cores, 8 GiB per core
-    "TPU v3": _tpu(61.5e12, 15.48),         # 123 TFLOP/s per chip, 2 cores, 16 GiB per core
-    "TPU v4": _tpu(275e12, 30.75),          # megacore chip, 32 GiB
-    "TPU v5 lite": _tpu(197e12, 15.75),     # v5e, 16 GiB
-    "TPU v5": _tpu(459e12, 95.73),          # v5p megacore chip, 95 GB
-    "TPU v6 lite": _tpu(918e12, 31.24),     # v6e (Trillium), 32 GiB
-    "TPU7x": _tpu(1153.5e12, 94.74),        # Ironwood: 2307 TFLOP/s and 192 GB per chip, 2 cores
-    "NVIDIA H100 PCIe": DeviceSpec(756e12, 378e12),
-    "NVIDIA H100": DeviceSpec(989e12, 494.7e12),   # SXM
-    "NVIDIA H200": DeviceSpec(989e12, 494.7e12),
-    "NVIDIA A100": DeviceSpec(312e12, 156e12),
+    "TPU v2": _tpu(22.5e12, 7.48, 350e9),         # 45 TFLOP/s, 700 GB/s per chip, 2 cores
+    "TPU v3": _tpu(61.5e12, 15.48, 450e9),        # 123 TFLOP/s, 900 GB/s per chip, 2 cores
+    "TPU v4": _tpu(275e12, 30.75, 1228e9),        # megacore chip, 32 GiB
+    "TPU v5 lite": _tpu(197e12, 15.75, 819e9),    # v5e, 16 GiB
+    "TPU v5": _tpu(459e12, 95.73, 2765e9),        # v5p megacore chip, 95 GB
+    "TPU v6 lite": _tpu(918e12, 31.24, 1640e9),   # v6e (Trillium), 32 GiB
+    "TPU7x": _tpu(1153.5e12, 94.74, 3685e9),      # Ironwood: 2307 TFLOP/s, 7.37 TB/s per chip
+    "NVIDIA H100 PCIe": DeviceSpec(756e12, 51e12, None, 2.0e12),
+    "NVIDIA H100": DeviceSpec(989e12, 67e12, None, 3.35e12),   # SXM
+    "NVIDIA H200": DeviceSpec(989e12, 67e12, None, 4.8e12),
+    "NVIDIA A100": DeviceSpec(312e12, 19.5e12, None, 2.039e12),
 }
 
 
@@ -137,16 +144,37 @@ def forward_flops(cfg: GPT2Config, tokens: int, keys: int, lm_head_positions: in
     return float(matmuls + attention + lm_head)
 
 
-def sampling_flops(cfg: GPT2Config, context_len: int, response_len: int) -> float:
-    """FLOPs of sampling one response as `rlhf_jax.sampling.sample` does.
+def prefill_flops(cfg: GPT2Config, context_len: int) -> float:
+    """FLOPs of `rlhf_jax.sampling.prefill` for one row: the context attends to itself, and
+    logits are computed at its last position (the first drawn token)."""
+    return forward_flops(cfg, context_len, context_len, 1)
 
-    The prefill runs the context; each of the `response_len - 1` decode steps runs the previous
-    token (the last drawn token is never fed back). All of them are scored against the whole
-    cache of `context_len + response_len - 1` slots, and logits are computed once per drawn
-    token.
+
+def decode_flops(cfg: GPT2Config, context_len: int, response_len: int) -> float:
+    """FLOPs of `rlhf_jax.sampling.decode` for one row: `response_len - 1` steps, each running
+    the previous token against the whole cache of `context_len + response_len - 1` slots and
+    computing one row of logits (the last drawn token is never fed back)."""
+    steps = response_len - 1
+    return steps * forward_flops(cfg, 1, context_len + response_len - 1, 1)
+
+
+def sampling_flops(cfg: GPT2Config, context_len: int, response_len: int) -> float:
+    """FLOPs of sampling one response as `rlhf_jax.sampling.sample` does: prefill + decode."""
+    return prefill_flops(cfg, context_len) + decode_flops(cfg, context_len, response_len)
+
+
+def decode_step_bytes(cfg: GPT2Config, batch: int, context_len: int, response_len: int) -> float:
+    """Bytes one decode step must read from device memory at least (its roofline).
+
+    Every matmul weight once (the trunk's and the tied embedding for the LM head) and the whole
+    KV cache of `batch` rows, all in the compute dtype (the decode loop casts the weights once
+    before it starts): 2 bytes each for bfloat16, 4 for float32.
     """
-    cache = context_len + response_len - 1
-    return forward_flops(cfg, context_len + response_len - 1, cache, response_len)
+    d, n_layer = cfg.n_embd, cfg.n_layer
+    size = 2 if cfg.dtype == "bfloat16" else 4
+    weights = (12 * d * d * n_layer + cfg.vocab_size * d) * size
+    cache = 2 * n_layer * batch * (context_len + response_len - 1) * d * size
+    return float(weights + cache)
 
 
 def ppo_iteration_flops(gpt2_config: GPT2Config, batch: int, query_len: int, response_len: int,

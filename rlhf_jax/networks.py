@@ -21,7 +21,8 @@ def response_logprobs(params, context: Array, responses: Array, config: models.G
 
     Response token t is predicted by the logits at position ctx_len - 1 + t, so logits, values
     and entropies are taken from positions [ctx_len - 1, -1) (spec §10.2). Logits are divided by
-    the temperature, as during sampling. The LM head runs only at those positions.
+    the temperature, as during sampling. The LM head, and the last block, run only at those
+    positions (`out_positions`).
 
     Args:
         params: policy or reference params; a value head is optional.
@@ -37,15 +38,16 @@ def response_logprobs(params, context: Array, responses: Array, config: models.G
     """
     ctx_len, resp_len = context.shape[1], responses.shape[1]
     tokens = jnp.concatenate([context, responses], axis=1)
-    hidden, scalars, _ = models.forward(params, tokens, config)
-    h = jax.lax.dynamic_slice_in_dim(hidden, ctx_len - 1, resp_len, axis=1)
+    positions = jnp.broadcast_to(ctx_len - 1 + jnp.arange(resp_len, dtype=jnp.int32),
+                                 responses.shape)
+    h, scalars, _ = models.forward(params, tokens, config, out_positions=positions)
     logits = models.logits_from_hidden(params, h, config) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     out = {"logprobs": jnp.take_along_axis(logp_all, responses[..., None], axis=-1)[..., 0]}
     if with_entropy:
         out["entropy"] = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     if "value" in scalars:
-        out["values"] = jax.lax.dynamic_slice_in_dim(scalars["value"], ctx_len - 1, resp_len, 1)
+        out["values"] = scalars["value"]
     return out
 
 
@@ -65,8 +67,9 @@ def reward(params, queries: Array, responses: Array, config: models.GPT2Config) 
         `[batch]` float32 rewards.
     """
     tokens = jnp.concatenate([queries, responses], axis=1)
-    _, scalars, _ = models.forward(params, tokens, config)
-    return scalars["reward"][:, -1]
+    last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
+    _, scalars, _ = models.forward(params, tokens, config, out_positions=last)
+    return scalars["reward"][:, 0]
 
 
 def rewards_of_samples(params, queries: Array, samples: Array, config: models.GPT2Config) -> Array:

@@ -275,6 +275,35 @@ def ppo_loss(
     return total_loss, stats
 
 
+def pool_chunk_stats(stats: dict[str, jax.Array], returns: jax.Array,
+                     old_values: jax.Array, mask: jax.Array | None = None
+                     ) -> dict[str, jax.Array]:
+    """`ppo_loss` statistics of a minibatch from those of its equal-size chunks.
+
+    Micro-batching computes `ppo_loss` per chunk and averages the statistics over the chunks
+    (with a mask, each chunk's weighted by its share of the masked-in count). Every statistic
+    is a mean, so the average is the minibatch's value, except the two variances: they are
+    recomputed here over the whole minibatch (they do not depend on the params), and the
+    explained variance with them.
+
+    Args:
+        stats: chunk-averaged statistics from `ppo_loss`.
+        returns: [B, L] the minibatch's value targets.
+        old_values: [B, L] its sampling-time values.
+        mask: the minibatch's [B, L] mask, or None (as given to `ppo_loss`).
+
+    Returns:
+        The minibatch's statistics.
+    """
+    if mask is not None:
+        mask = mask.astype(returns.dtype)
+    out = dict(stats)
+    out["ppo/returns/var"] = _var(returns, mask)
+    out["ppo/val/var"] = _var(old_values, mask)
+    out["ppo/val/var_explained"] = 1.0 - out["ppo/val/error"] / out["ppo/returns/var"]
+    return out
+
+
 def rollout_stats(
     scores: jax.Array,
     logprobs: jax.Array,

@@ -38,6 +38,7 @@ from ml_collections import config_flags
 from rlhf_jax import (
     checkpointing,
     cli,
+    compile_cache,
     experiment,
     flops,
     kl_control,
@@ -78,7 +79,9 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     p = config.ppo
     mesh, rules = validation.validate_with_mesh(config, SECTIONS)
     validation.check_reward_source(config)
-    settings = ppo_trainer.PPOSettings.from_config(p)
+    micro = config.model.get("micro_batch_size", 0)
+    settings = ppo_trainer.PPOSettings.from_config(p, micro)
+    compile_cache.enable_from_config(config)
     gpt_cfg = experiment.gpt2_config(config)
     tok = experiment.tokenizer(config)
     spec = experiment.task_spec(config, tok, gpt_cfg)
@@ -140,9 +143,12 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
             queries = sharding.host_batch_to_global(local, mesh)
             policy = to_rollout(state["params"]["policy"])
             value_params = state["params"].get("value")
+            timings = {}
             data, stats, extras = fns.rollout(policy, value_params, ref_params, rm_params,
                                               queries, state["kl_coef"],
-                                              jax.random.fold_in(rng_sample, it))
+                                              jax.random.fold_in(rng_sample, it), timings)
+            del policy  # the replicated copy: not needed by the update (aot_check counts so)
+            t_update = time.time()
             state, train_stats, flags = fns.update(state, data,
                                                    jax.random.fold_in(rng_shuffle, it))
             done = it + 1
@@ -152,6 +158,9 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
             run.guard.flush()
             run.guard.check_values(done, {k: stats[k] for k in ("objective/score",
                                                                  "objective/kl")})
+            # Wall seconds per stage (the first iteration's include compiling).
+            stats |= {f"time/rollout/{k}": v for k, v in timings.items()}
+            stats |= {"time/rollout": sum(timings.values()), "time/update": time.time() - t_update}
             # Adaptive KL: updated after the PPO epochs with the batch's sampling-time KL.
             new_coef = kl_control.update_kl_coef(stats["objective/kl_coef"], stats["objective/kl"],
                                                  p.batch_size, **_kl_settings(p))
@@ -168,6 +177,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 progress.update(done, score=stats["objective/score"], kl=stats["objective/kl"])
             final = {"final": stats} if done == num_updates else {}
             run.save(done, state, run_meta | final, force=done == num_updates, total=num_updates)
+            del data, extras  # free this iteration's rollout before the next one starts
             if done < num_updates:
                 run.exit_if_stopped(done)
     run.close()

@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from rlhf_jax import (
     checkpointing,
     cli,
+    compile_cache,
     experiment,
     flops,
     label_types,
@@ -247,6 +248,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
         labels: label arrays to train on instead of reading `labels.path` (an online round).
     """
     setup = RewardSetup(config, labels)  # every input is validated before any compute
+    compile_cache.enable_from_config(config)
     run = loop.TrainRun(config, workdir, trainer="train_reward", ignore_sections=IGNORED_SECTIONS)
     trainer = RewardTrainer(setup)
     r = config.rewards

@@ -48,7 +48,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, cli, experiment, flops, labelers, models
+from rlhf_jax import checkpointing, cli, compile_cache, experiment, flops, labelers, models
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import optim, runtime, sampling, sharding
 from rlhf_jax.data import summarization, tasks
@@ -275,6 +275,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     same workdir resumes, and returns at once when the run is already done.
     """
     setup = SFTSetup(config)  # every input is validated before any compute
+    compile_cache.enable_from_config(config)
     run = loop.TrainRun(config, workdir, trainer="train_sft", ignore_sections=IGNORED_SECTIONS)
     trainer = SFTTrainer(setup)
     s = config.sft

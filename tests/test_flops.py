@@ -32,20 +32,22 @@ def test_matmul_flops_are_twice_the_non_embedding_params():
 
 def test_ppo_iteration_flops_by_hand():
     # batch 2, query 3, response 2, 1 epoch.
-    # sample: 3 + 2 - 1 = 4 tokens against a 4-slot cache, logits twice:
-    #   4*384 + 16*4*4 + 80*2 = 1952 per rollout
+    # sample: prefill of 3 tokens against themselves with logits once (3*384 + 16*3*3 + 80
+    #   = 1376), then 1 decode step against a 4-slot cache with logits once (384 + 16*4 + 80
+    #   = 528): 1904 per rollout
     # reference: 5 tokens against 5 keys, logits at the 2 response positions: 2480
     # reward: 5 tokens, no LM head: 2320
     # update: 3 * 1 epoch * reference forward = 7440 per rollout
     out = flops.ppo_iteration_flops(SMALL, 2, 3, 2, 1)
-    assert out == {"sample": 3904.0, "value": 0.0, "reference": 4960.0, "reward": 4640.0,
-                   "update": 14880.0, "total": 28384.0}
+    assert out == {"sample": 3808.0, "value": 0.0, "reference": 4960.0, "reward": 4640.0,
+                   "update": 14880.0, "total": 28288.0}
+    assert flops.prefill_flops(SMALL, 3) == 1376 and flops.decode_flops(SMALL, 3, 2) == 528
 
 
 def test_ppo_iteration_flops_context_and_separate_value():
     # A 2-token suffix: the policy sees 5 + 2 = 7 tokens, the reward model still 3 + 2 = 5.
     out = flops.ppo_iteration_flops(SMALL, 1, 3, 2, 2, context_len=5, separate_value=True)
-    sample = 6 * 384 + 16 * 6 * 6 + 80 * 2
+    sample = (5 * 384 + 16 * 5 * 5 + 80) + (384 + 16 * 6 + 80)
     policy = 7 * 384 + 16 * 7 * 7 + 80 * 2
     value = 7 * 384 + 16 * 7 * 7
     reward = 5 * 384 + 16 * 5 * 5
@@ -77,15 +79,23 @@ def test_ppo_iteration_tokens():
 
 def test_peak_flops_table():
     assert flops.peak_flops("TPU v5 lite") == 197e12
-    # On TPU, float32 matmuls at the default precision run as one bfloat16 pass.
-    assert flops.peak_flops("TPU v3", "float32") == flops.peak_flops("TPU v3") == 61.5e12
+    # model.dtype=float32 runs Precision.HIGHEST: 6 bfloat16 passes on TPU, FP32 cores on GPUs.
+    assert flops.peak_flops("TPU v3", "float32") == flops.peak_flops("TPU v3") / 6
     assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert flops.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert flops.peak_flops("NVIDIA H200", "float32") == 494.7e12
+    assert flops.peak_flops("NVIDIA H200", "float32") == 67e12
     assert flops.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert flops.peak_flops("cpu") is None
     with pytest.raises(ValueError, match="dtype"):
         flops.peak_flops("TPU v4", "float16")
+
+
+def test_decode_step_bytes_by_hand():
+    # SMALL in float32: (12*16*1 + 10*4) weights * 4 bytes + 2*1 layer * 2 rows * 4 slots * 4 * 4
+    assert flops.decode_step_bytes(SMALL, 2, 3, 2) == (12 * 16 + 40) * 4 + 2 * 2 * 4 * 4 * 4
+    bf16 = models.GPT2Config(**{**vars(SMALL), "dtype": "bfloat16"})
+    assert flops.decode_step_bytes(bf16, 2, 3, 2) == (12 * 16 + 40) * 2 + 2 * 2 * 4 * 4 * 2
+    assert flops.device_spec("NVIDIA H100 80GB HBM3").hbm_bandwidth == 3.35e12
 
 
 def test_mfu():

@@ -239,3 +239,117 @@ def test_remat_gives_same_gradients():
     g2 = jax.grad(loss)(params, cfg_remat)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def _masks(rng, b, t):
+    """Causal masks with padded keys: mid-sequence pads, and a leading pad (a query whose keys
+    are all masked)."""
+    real = rng.random((b, t)) > 0.3
+    real[:, 1] = True
+    real[0, 0] = False  # left padding: query 0 of row 0 sees no key at all
+    causal = np.tril(np.ones((t, t), bool))
+    return jnp.asarray((real[:, None, :] & causal[None])[:, None])
+
+
+def test_fused_attention_equals_the_unfused_reference():
+    """jax.nn.dot_product_attention with our masks = the textbook computation (both dtypes)."""
+    from rlhf_jax.models import attention
+
+    rng = np.random.default_rng(0)
+    b, t, h, d = 3, 9, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
+    mask = _masks(rng, b, t)
+    with jax.default_matmul_precision("highest"):
+        ref = attention.reference_attention(q, k, v, mask)
+        got = attention.full_attention(q, k, v, mask, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-6)
+    # The fully masked query attends uniformly, as the original's -1e10 makes it.
+    np.testing.assert_allclose(np.asarray(got[0, 0]), np.asarray(v[0].mean(0)), atol=1e-6)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got16 = attention.full_attention(*bf, mask, implementation="xla")
+    ref16 = attention.reference_attention(*bf, mask)
+    assert got16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got16, np.float32), np.asarray(ref16, np.float32),
+                               atol=2e-2)
+    # The cached path over a [batch, heads, slots, head_dim] cache gives the same numbers.
+    cached = attention.cached_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(ref), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="attention implementation 'flash'"):
+        attention.full_attention(q, k, v, mask, implementation="flash")
+
+
+def test_prefill_equals_forward_into_an_empty_cache():
+    """`models.prefill` (fused, the context only) = `forward` with a zero cache (every slot)."""
+    cfg = models.preset("tiny-vocab")
+    params = models.init_params(cfg, jax.random.key(3), heads=("value",))
+    rng = np.random.default_rng(6)
+    ctx = rng.integers(0, cfg.vocab_size, (2, 7))
+    ctx[1, 2:5] = cfg.pad_id
+    h1, s1, c1 = models.prefill(params, jnp.asarray(ctx), cfg, 11)
+    h2, s2, c2 = models.forward(params, jnp.asarray(ctx), cfg, models.KVCache.zeros(cfg, 2, 11))
+    assert h1.shape == (2, 1, cfg.n_embd)  # the last position only: all a sampler reads
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2[:, -1:]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s1["value"]), np.asarray(s2["value"][:, -1:]),
+                               atol=1e-6)
+    for a, b in zip(c1.k + c1.v, c2.k + c2.v):
+        assert a.shape == (2, cfg.n_head, 11, cfg.head_dim)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    for f in ("mask", "positions", "index"):
+        np.testing.assert_array_equal(np.asarray(getattr(c1, f)), np.asarray(getattr(c2, f)))
+    with pytest.raises(ValueError, match="max_len=5 is shorter than the context"):
+        models.prefill(params, jnp.asarray(ctx), cfg, 5)
+
+
+def test_out_positions_equal_the_full_forward_at_those_positions():
+    """Only the last block is pruned; pad positions still carry the last real state forward,
+    and gradients through the pruned forward equal those through the full one (with remat, the
+    large presets' default; without it the PPO alignment tests cover the pruned forward)."""
+    cfg = models.preset("tiny-vocab", remat=True)
+    params = models.init_params(cfg, jax.random.key(4), heads=("value",))
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 9))
+    tokens[0, 5:7] = cfg.pad_id
+    tokens[1, -1] = cfg.pad_id
+    pos = jnp.asarray([[4, 5, 6, 8], [0, 3, 7, 8]], jnp.int32)
+    tokens = jnp.asarray(tokens)
+
+    def full(p):
+        h, s, _ = models.forward(p, tokens, cfg)
+        take = lambda a: jnp.take_along_axis(a, pos.reshape(pos.shape + (1,) * (a.ndim - 2)),
+                                             axis=1)  # noqa: E731
+        return take(h), take(s["value"])
+
+    def pruned(p):
+        h, s, _ = models.forward(p, tokens, cfg, out_positions=pos)
+        return h, s["value"]
+
+    for a, b in zip(full(params), pruned(params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    loss = lambda f: lambda p: jnp.sum(jnp.tanh(f(p)[0])) + jnp.sum(f(p)[1])  # noqa: E731
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(full))(params)),
+                    jax.tree.leaves(jax.grad(loss(pruned))(params))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+
+
+def test_float32_means_highest_precision_matmuls_and_dtype_is_validated():
+    """dtype=float32 traces every matmul (attention included, backward too) at HIGHEST, so
+    GPUs and TPUs do not silently run TF32 / one bfloat16 pass; bfloat16 leaves the default."""
+    import re
+
+    def precisions(dtype):
+        cfg = models.preset("tiny-vocab", dtype=dtype)
+        params = models.init_params(cfg, jax.random.key(0), heads=("value",))
+        tokens = jnp.zeros((2, 5), jnp.int32)
+
+        def f(p):
+            h, s, _ = models.forward(p, tokens, cfg)
+            return models.logits_from_hidden(p, h, cfg).sum() + s["value"].sum()
+
+        text = str(jax.make_jaxpr(jax.grad(f))(params))
+        return text.count("dot_general["), len(re.findall(r"precision=\(Precision.HIGHEST", text))
+
+    n_dots, n_highest = precisions("float32")
+    assert n_dots > 20 and n_highest == n_dots
+    assert precisions("bfloat16")[1] == 0
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        models.preset("tiny-vocab", dtype="float16")

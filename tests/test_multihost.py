@@ -116,7 +116,7 @@ def _jsonl(path) -> list[dict]:
 
 
 def _without_timing(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not k.startswith(("elapsed/", "perf/"))}
+    return {k: v for k, v in row.items() if not k.startswith(("elapsed/", "perf/", "time/"))}
 
 
 def test_explicit_cluster_from_environment(monkeypatch):

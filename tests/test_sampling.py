@@ -108,6 +108,54 @@ def test_sharded_sampling_is_reproducible_and_mesh_independent(policy_params):
     np.testing.assert_allclose(np.asarray(a["logprobs"]), np.asarray(single["logprobs"]), atol=1e-5)
     rows = {tuple(r) for r in np.asarray(a["responses"]).tolist()}
     assert len(rows) > 8
+    # Sampled in 2 strided chunks of 8 rows (micro-batching), on the same mesh: same samples.
+    with sharding.mesh_context(mesh, rules):
+        chunked = jax.jit(lambda p, c, k: sampling.sample(
+            p, c, k, config=CFG, response_length=6, temperature=0.7, num_chunks=2),
+            in_shardings=(p_shard, b_shard, None), out_shardings=b_shard)(
+            params, ctx, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(chunked["responses"]), np.asarray(a["responses"]))
+    np.testing.assert_allclose(np.asarray(chunked["logprobs"]), np.asarray(a["logprobs"]),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked["values"]), np.asarray(a["values"]), atol=1e-6)
+
+
+def test_prefill_and_decode_compile_once_and_decode_never_copies_the_cache(policy_params):
+    """Two programs, each traced once per shape; the decode loop updates the donated cache in
+    place and never copies or transposes it (a [batch, slots, heads, head_dim] cache made XLA
+    transpose every layer's keys and values at every step)."""
+    import chex
+
+    s = sampling.SamplerSettings(CFG, response_length=5, temperature=0.7)
+    prefill = jax.jit(chex.assert_max_traces(lambda p, c, k: sampling.prefill(p, c, k, s), n=1))
+    decode = jax.jit(chex.assert_max_traces(
+        lambda p, cache, first, k: sampling.decode(p, dict(first, cache=cache), k, s), n=1),
+        donate_argnums=(1,))
+    outs = []
+    for i in range(3):
+        state = prefill(policy_params, _context(seed=i), jax.random.key(i))
+        cache = state.pop("cache")
+        outs.append(decode(policy_params, cache, state, jax.random.key(i))[0]["responses"])
+        assert cache.k[0].is_deleted()  # donated to the decode loop
+    assert len({np.asarray(o).tobytes() for o in outs}) == 3
+    state = prefill(policy_params, _context(), jax.random.key(0))
+    cache = state.pop("cache")
+    hlo = decode.lower(policy_params, cache, state, jax.random.key(0)).compile().as_text()
+    assert cache_copies(hlo, cache.k[0].shape) == []
+
+
+def cache_copies(hlo: str, shape) -> list[str]:
+    """HLO instructions that copy or transpose an array with the dimensions of `shape`."""
+    import re
+
+    out = []
+    for m in re.finditer(r"%([\w.-]+) = \w+\[([\d,]+)\]\S* ([\w-]+)\(", hlo):
+        name, dims, op = m.groups()
+        moves = op in ("copy", "transpose") or (op == "fusion" and re.search("copy|transpose",
+                                                                              name))
+        if moves and sorted(int(x) for x in dims.split(",")) == sorted(shape):
+            out.append(m.group(0))
+    return out
 
 
 @require_devices(8)

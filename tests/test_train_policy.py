@@ -58,7 +58,8 @@ def _functions(cfg, mesh, rm_dir, max_traces=None):
     gpt_cfg = experiment.gpt2_config(cfg)
     tok = experiment.tokenizer(cfg)
     spec = experiment.task_spec(cfg, tok, gpt_cfg)
-    settings = ppo_trainer.PPOSettings.from_config(cfg.ppo)
+    ppo_trainer.check_ppo_config(cfg.ppo, mesh, cfg.model.micro_batch_size)
+    settings = ppo_trainer.PPOSettings.from_config(cfg.ppo, cfg.model.micro_batch_size)
     rm, rm_cfg, _ = train_reward.load_reward_model(rm_dir, mesh, rules, expected_spec=spec)
     tx = ppo_trainer.make_optimizer(cfg.ppo, 4)
     layout = ppo_trainer.build_layout(gpt_cfg, rm_cfg, settings, tx, mesh, rules)
@@ -90,8 +91,11 @@ def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
             data, stats, extras = fns.rollout(to_rollout(state["params"]["policy"]), None, ref,
                                               rm, queries, state["kl_coef"], jax.random.key(it))
             if it == 0:
-                _, first = jax.jit(fns._loss)(state["params"], data)
+                _, first = jax.jit(fns.minibatch_loss)(state["params"], data)
                 assert float(first["ppo/policy/approxkl"]) < 1e-10
+                check = fns.alignment(state["params"], data)
+                assert float(check["max_abs_logratio"]) < 1e-4
+                assert float(check["max_abs_value_diff"]) < 1e-5
                 assert float(first["ppo/policy/clipfrac"]) == 0.0
                 assert float(first["ppo/val/clipfrac"]) == 0.0
                 # Invalid responses (no '.' at index >= 16) score exactly the penalty.
@@ -103,32 +107,99 @@ def test_first_minibatch_ratio_is_one_and_no_retrace(random_rm):
     assert int(state["step"]) == 3
 
 
+def test_first_minibatch_ratio_is_one_in_bfloat16(random_rm):
+    """model.dtype=bfloat16: the sampler (KV-cache decode) and the training forward (fused
+    attention over the whole sequence) round matmul outputs to bfloat16 (8-bit mantissa) in
+    differently shaped products, so log-probs may differ by a few 1e-3 (measured on CPU: up to
+    2.4e-3). Tolerance: |log-ratio| < 0.02 and approxkl < 1e-5, far below the clip range (0.2)
+    and far below what a misalignment gives (O(1)); float32 above: < 1e-4 and < 1e-10."""
+    cfg = tiny_config()
+    cfg.model.dtype = "bfloat16"
+    mesh = sharding.make_mesh()
+    fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
+    with sharding.mesh_context(mesh, rules):
+        queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
+        data, _, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm, queries,
+                                 state["kl_coef"], jax.random.key(0))
+        check = jax.device_get(fns.alignment(state["params"], data))
+        _, first = jax.jit(fns.minibatch_loss)(state["params"], data)
+    assert check["max_abs_logratio"] < 0.02 and check["approxkl"] < 1e-5, check
+    assert check["max_abs_value_diff"] < 1e-3, check
+    assert float(first["ppo/policy/clipfrac"]) == 0.0 and float(first["ppo/val/clipfrac"]) == 0.0
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["opt_state"])
+               if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def _iteration(cfg, mesh, rm_dir, data=None):
+    """One rollout and update from the initial state (the update on `data` when given).
+
+    Returns:
+        (the rollout's data on device, host copies of (data, rollout stats, update stats,
+        updated params), the PPOFunctions).
+    """
+    fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, rm_dir)
+    with sharding.mesh_context(mesh, rules):
+        queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
+        rolled, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
+                                       queries, state["kl_coef"], jax.random.key(0))
+        state, train_stats, flags = fns.update(state, rolled if data is None else data,
+                                               jax.random.key(1))
+        assert int(flags) == 0
+    return rolled, jax.device_get((rolled, stats, train_stats, state["params"])), fns
+
+
+def _assert_same_iteration(a, b, rtol_update):
+    (da, sa, ta, pa), (db, sb, tb, pb) = a, b
+    np.testing.assert_array_equal(da["responses"], db["responses"])
+    for k in da:
+        np.testing.assert_allclose(da[k], db[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for k in sa:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for k in ta:
+        np.testing.assert_allclose(ta[k], tb[k], rtol=rtol_update, atol=1e-5, err_msg=k)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(x, y, rtol=rtol_update, atol=1e-6)
+
+
+@require_devices(8)
+def test_micro_batches_equal_the_unsplit_iteration(random_rm):
+    """model.micro_batch_size=8 of 16 rows on 8 devices: the staged rollout (2 chunks per
+    stage) gives the same samples, and the accumulated update (on the same data) the same
+    params and stats."""
+    mesh = sharding.make_mesh()
+    data, whole, fns = _iteration(tiny_config(), mesh, random_rm)
+    assert fns.s.update_chunks == 1
+    cfg = tiny_config()
+    cfg.model.micro_batch_size = 8
+    _, split, fns = _iteration(cfg, mesh, random_rm, data)
+    assert fns.s.update_chunks == 2 and fns.s.rollout_chunks == 2
+    _assert_same_iteration(whole, split, rtol_update=1e-5)
+    # With ppo.mask_after_stop the losses are means over masked-in tokens, and the chunks hold
+    # unequal counts: a random prefix mask (what tasks.stop_mask gives) on the same data.
+    lengths = np.random.default_rng(3).integers(1, 25, 16)
+    mask = jnp.asarray(np.arange(24)[None, :] < lengths[:, None], jnp.float32)
+    masked = dict(data, mask=jax.device_put(mask, data["rewards"].sharding))
+    results = []
+    for micro in (0, 8):
+        cfg = tiny_config(noptepochs=1)
+        cfg.model.micro_batch_size = micro
+        results.append(_iteration(cfg, mesh, random_rm, masked)[1])
+    _assert_same_iteration(*results, rtol_update=1e-5)
+
+
 @require_devices(8)
 def test_update_on_8_devices_matches_one_device(random_rm):
     cfg = tiny_config()
-    results = []
-    for mesh in (sharding.make_mesh(), sharding.make_mesh(devices=jax.devices()[:1])):
-        fns, to_rollout, state, ref, rm, dataset, rules, _ = _functions(cfg, mesh, random_rm)
-        with sharding.mesh_context(mesh, rules):
-            queries = sharding.host_batch_to_global(dataset.get_batch(0, 16), mesh)
-            data, stats, _ = fns.rollout(to_rollout(state["params"]["policy"]), None, ref, rm,
-                                         queries, state["kl_coef"], jax.random.key(0))
-            state, train_stats, _ = fns.update(state, data, jax.random.key(1))
-        results.append(jax.device_get((data, stats, train_stats, state["params"])))
-    (d8, s8, t8, p8), (d1, s1, t1, p1) = results
-    np.testing.assert_array_equal(d8["responses"], d1["responses"])
-    for k in s8:
-        np.testing.assert_allclose(s8[k], s1[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    for k in t8:
-        np.testing.assert_allclose(t8[k], t1[k], rtol=1e-4, atol=1e-5, err_msg=k)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    results = [_iteration(cfg, mesh, random_rm)[1]
+               for mesh in (sharding.make_mesh(), sharding.make_mesh(devices=jax.devices()[:1]))]
+    _assert_same_iteration(*results, rtol_update=1e-4)
 
 
 def _rows(workdir):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     # Wall-clock metrics differ from run to run; everything else must match exactly.
-    return [{k: v for k, v in r.items() if not k.startswith(("elapsed/", "perf/"))} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("elapsed/", "perf/", "time/"))}
+            for r in rows]
 
 
 def _tree(root):
@@ -211,6 +282,12 @@ def test_bad_input(random_rm, tmp_path):
     cfg = tiny_config(whiten_groups=4)
     with pytest.raises(ValueError, match="needs >= 8 rollouts per whitening group"):
         train_policy.train_policy(cfg, str(tmp_path / "d"))
+    for micro, match in ((12, "micro_batch_size=12 does not divide the PPO minibatch"),
+                         (4, "micro_batch_size=4 is not divisible by the 8 devices")):
+        cfg = tiny_config()
+        cfg.model.micro_batch_size = micro
+        with pytest.raises(ValueError, match=f"--config.model.{match}"):
+            train_policy.train_policy(cfg, str(tmp_path / f"m{micro}"))
     cfg = tiny_config()
     cfg.rewards.trained_model = random_rm
     cfg.task.truncate_after = 10

@@ -4,7 +4,11 @@ This package is the only one that imports `flax.linen`. Everything else sees:
 
     params = init_params(config, rng, heads=("value",))
     hidden, scalars, cache = forward(params, tokens, config)
+    hidden, scalars, cache = prefill(params, context, config, max_len)   # for sampling
     logits = logits_from_hidden(params, hidden, config)
+
+Every matmul is traced under `gpt2.precision_scope(config)`: true float32 for
+`dtype="float32"` on every backend (see `gpt2.py`).
 
 Param trees: `{"transformer": ..., "value_head": ..., "reward_head": ..., "reward_norm": ...}`;
 which heads exist is read off the tree, so the policy (trunk + value head), the reference
@@ -27,6 +31,7 @@ from rlhf_jax.models.gpt2 import (  # noqa: F401
     KVCache,
     carry_forward_index,
     exclusive_cumsum,
+    precision_scope,
     preset,
 )
 from rlhf_jax.models.heads import RewardNorm, ScalarHead, lm_logits
@@ -42,8 +47,13 @@ class LanguageModel(nn.Module):
     heads: tuple[str, ...] = ()
 
     @nn.compact
-    def __call__(self, tokens: Array, cache: KVCache | None = None):
-        hidden, cache = GPT2(self.config, name="transformer")(tokens, cache)
+    def __call__(self, tokens: Array, cache: KVCache | None = None, prefill_len: int = 0,
+                 out_positions: Array | None = None):
+        with precision_scope(self.config):
+            trunk = GPT2(self.config, name="transformer")
+            return self._heads(*trunk(tokens, cache, prefill_len, out_positions))
+
+    def _heads(self, hidden, cache):
         scalars = {}
         if "value" in self.heads:
             scalars["value"] = ScalarHead(0.0, name="value_head")(hidden)
@@ -92,7 +102,8 @@ def axis_rules(rules):
     return nn.logical_axis_rules(rules)
 
 
-def forward(params, tokens: Array, config: GPT2Config, cache: KVCache | None = None):
+def forward(params, tokens: Array, config: GPT2Config, cache: KVCache | None = None,
+            out_positions: Array | None = None):
     """Runs the model.
 
     Args:
@@ -100,14 +111,35 @@ def forward(params, tokens: Array, config: GPT2Config, cache: KVCache | None = N
         tokens: `[batch, T]` int32 ids; `config.pad_id` marks padding.
         config: the static GPT2Config.
         cache: optional KVCache for incremental decoding.
+        out_positions: optional `[batch, P]` positions (no cache): hidden states and scalars
+            are returned at those positions only, and the last block skips the rest.
 
     Returns:
-        (hidden `[batch, T, d]` float32, scalars {"value"/"reward": `[batch, T]`}, cache).
+        (hidden `[batch, T or P, d]` float32, scalars {"value"/"reward": `[batch, T or P]`},
+        cache).
     """
     if not isinstance(tokens, jax.core.Tracer):
         check_token_ids(tokens, config)
     model = LanguageModel(config, heads_of(params))
-    return model.apply({"params": params}, tokens, cache)
+    return model.apply({"params": params}, tokens, cache, 0, out_positions)
+
+
+def prefill(params, tokens: Array, config: GPT2Config, max_len: int):
+    """`forward` over a whole context that also returns a KVCache of `max_len` slots holding it.
+
+    Equal to `forward(params, tokens, config, KVCache.zeros(config, batch, max_len))` at the
+    last position, which is all a sampler reads: hidden `[batch, 1, d]` and scalars
+    `[batch, 1]` are returned for the last position only. The context attends only to itself
+    through the fused full-sequence attention instead of scoring every (still empty) cache
+    slot, and the last block runs the last position only.
+    """
+    if max_len < tokens.shape[1]:
+        raise ValueError(f"max_len={max_len} is shorter than the context ({tokens.shape[1]})")
+    if not isinstance(tokens, jax.core.Tracer):
+        check_token_ids(tokens, config)
+    model = LanguageModel(config, heads_of(params))
+    return model.apply({"params": params}, tokens, None, max_len,
+                       jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32))
 
 
 def check_token_ids(tokens, config: GPT2Config, where: str = "tokens") -> None:
@@ -128,6 +160,33 @@ def check_token_ids(tokens, config: GPT2Config, where: str = "tokens") -> None:
         )
 
 
+MATMUL_MODULES = ("c_attn", "c_proj", "c_fc")
+
+
+def cast_matmul_weights(params, config: GPT2Config):
+    """Params whose matmul weights are already in the compute dtype, for a loop that reuses them.
+
+    The dense layers cast their float32 kernels and biases to the compute dtype at every call,
+    and the LM head casts `wte`; a decode loop would redo that (and read float32 weights) at
+    every step. Casting once gives the same numbers. `wte` itself stays float32 (the embedding
+    lookup reads it in float32); the LM head's copy is returned apart.
+
+    Returns:
+        (params for `forward`, params for `logits_from_hidden`); both are `params` in float32.
+    """
+    if config.dtype == "float32":
+        return params, params
+    dtype = config.compute_dtype
+
+    def cast(path, x):
+        names = {getattr(k, "key", None) for k in path}
+        return x.astype(dtype) if names & set(MATMUL_MODULES) else x
+
+    lm = {"transformer": {"wte": params["transformer"]["wte"].astype(dtype)}}
+    return jax.tree_util.tree_map_with_path(cast, params), lm
+
+
 def logits_from_hidden(params, hidden: Array, config: GPT2Config) -> Array:
     """Tied LM-head logits, float32 `[..., vocab]`."""
-    return lm_logits(params["transformer"]["wte"], hidden, config.compute_dtype)
+    with precision_scope(config):
+        return lm_logits(params["transformer"]["wte"], hidden, config.compute_dtype)

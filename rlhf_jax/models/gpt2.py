@@ -11,6 +11,15 @@ original's right-padded layout (query, pads, suffix) and left padding give the s
 at real tokens, and a scalar read at any position after the last real token is the scalar of
 that token.
 
+Precision (`GPT2Config.dtype`, set from `--config.model.dtype`):
+- "float32": every matmul in true float32 (`Precision.HIGHEST`, see `precision_scope`), as the
+  original ran. JAX's default would run float32 matmuls as TF32 on NVIDIA GPUs and as one
+  bfloat16 pass on TPUs; the sampler's log-probs and the training forward's would then drift
+  apart, and the first PPO minibatch's ratio would not be 1.
+- "bfloat16": matmul inputs and outputs (and the KV cache) in bfloat16, accumulated in float32;
+  parameters stay float32 (the optimizer's master copy), and the residual stream, layer norms,
+  attention softmax, logits, log-probs and losses are float32.
+
 Parameters carry logical axis names (`vocab`, `embed`, `qkv`, `mlp`, ...) and activations
 carry separate names (`act_batch`, `act_len`, `act_embed`), so sharding is chosen by rules in
 config (`rlhf_jax/sharding.py`), never here.
@@ -18,6 +27,7 @@ config (`rlhf_jax/sharding.py`), never here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -26,13 +36,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models import attention
+
 Array = jax.Array
 
 # Masked attention logits are set to this value, as in the original (not -inf: a query whose
 # keys are all masked, e.g. a leading pad under left padding, then stays finite).
-MASK_VALUE = -1e10
+MASK_VALUE = attention.MASK_VALUE
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +60,9 @@ class GPT2Config:
         layer_norm_epsilon: LayerNorm epsilon (1e-5 in GPT-2).
         pad_id: padding id; must be >= vocab_size. Defaults to vocab_size + 2 (50259 for
             GPT-2, the "historical" id of the released label files).
-        dtype: compute dtype, "float32" or "bfloat16". Parameters are always float32, and
-            logits, log-softmax and attention softmax are always computed in float32.
+        dtype: "float32" (true float32 matmuls on every backend) or "bfloat16" (bfloat16
+            matmuls); parameters, the residual stream, layer norms, softmaxes and logits are
+            float32 either way (see the module docstring).
         remat: rematerialise each block in the backward pass (saves activation memory).
     """
 
@@ -73,8 +86,8 @@ class GPT2Config:
                 f"pad_id={self.pad_id} lies inside the vocabulary (vocab_size="
                 f"{self.vocab_size}); it must be >= vocab_size so it is never embedded"
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; expected one of {', '.join(DTYPES)}")
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +95,12 @@ class GPT2Config:
 
     @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
+
+    @property
+    def matmul_precision(self) -> str | None:
+        """`jax.default_matmul_precision` for this dtype: "highest" for float32, else default."""
+        return "highest" if self.dtype == "float32" else None
 
     def num_params(self) -> int:
         """Parameters of the trunk (the LM head is tied to `wte`)."""
@@ -119,7 +137,8 @@ class KVCache:
     """Key/value cache for incremental decoding.
 
     Attributes:
-        k: per layer, keys `[batch, max_len, n_head, head_dim]` in the compute dtype.
+        k: per layer, keys `[batch, n_head, max_len, head_dim]` in the compute dtype (heads
+            before slots: the layout a decode step's two attention matmuls read directly).
         v: per layer, values, same shape.
         mask: `[batch, max_len]` bool, True at filled real-token slots.
         positions: `[batch]` int32, position id of the next real token.
@@ -134,7 +153,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config: GPT2Config, batch: int, max_len: int) -> "KVCache":
-        shape = (batch, max_len, config.n_head, config.head_dim)
+        shape = (batch, config.n_head, max_len, config.head_dim)
         zeros = lambda: jnp.zeros(shape, config.compute_dtype)  # noqa: E731
         return cls(
             k=tuple(zeros() for _ in range(config.n_layer)),
@@ -143,6 +162,30 @@ class KVCache:
             positions=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
+
+    @classmethod
+    def from_prefix(cls, ks, vs, mask: Array, max_len: int) -> "KVCache":
+        """A cache of `max_len` slots holding a prefix's per-layer `[B, T, H, D]` keys/values."""
+        t = mask.shape[1]
+
+        def slots(a):
+            a = jnp.swapaxes(a, 1, 2)  # [B, H, T, D]
+            return jnp.pad(a, ((0, 0), (0, 0), (0, max_len - t), (0, 0)))
+
+        return cls(
+            k=tuple(slots(a) for a in ks),
+            v=tuple(slots(a) for a in vs),
+            mask=jnp.pad(mask, ((0, 0), (0, max_len - t))),
+            positions=mask.sum(axis=1, dtype=jnp.int32),
+            index=jnp.asarray(t, jnp.int32),
+        )
+
+
+def precision_scope(config: GPT2Config):
+    """Context for tracing the model's matmuls at the precision `config.dtype` promises."""
+    if config.matmul_precision is None:
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(config.matmul_precision)
 
 
 def _dense(features: int, axes: tuple[str, str], cfg: GPT2Config, std: float, name: str):
@@ -171,40 +214,46 @@ class Attention(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, attend, k_cache=None, v_cache=None, index=None):
+    def __call__(self, x, attend, k_cache=None, v_cache=None, index=None, rows=None):
         """Causal self-attention.
 
         Args:
             x: `[batch, T, n_embd]` inputs.
             attend: `[batch, 1, T, S]` bool, which keys each query may attend to.
-            k_cache, v_cache: optional `[batch, S, n_head, head_dim]` caches; the new keys and
+            k_cache, v_cache: optional `[batch, n_head, S, head_dim]` caches; the new keys and
                 values are written at slots [index, index + T).
             index: scalar int32 write offset into the caches.
+            rows: optional `[batch, P]` positions (without caches): only their queries are
+                computed, against every key.
 
         Returns:
-            (output `[batch, T, n_embd]`, k_cache, v_cache); the caches are None without cache.
+            (output `[batch, T or P, n_embd]`, keys, values): with caches, the updated caches;
+            without, this sequence's `[batch, T, n_head, head_dim]` keys and values.
         """
         cfg = self.config
         b, t, _ = x.shape
         std = 0.02
         qkv = _dense(3 * cfg.n_embd, ("embed", "qkv"), cfg, std, "c_attn")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        heads = lambda a: a.reshape(b, t, cfg.n_head, cfg.head_dim)  # noqa: E731
+        heads = lambda a: a.reshape(b, a.shape[1], cfg.n_head, cfg.head_dim)  # noqa: E731
         q, k, v = heads(q), heads(k), heads(v)
-        if k_cache is not None:
-            start = (0, index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        if rows is not None:
+            q = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
+            attend = jnp.take_along_axis(attend, rows[:, None, :, None], axis=2)
+            t = rows.shape[1]
+        if k_cache is None:
+            out = attention.full_attention(q, k, v, attend, causal=rows is None)
+        else:
+            start = (0, 0, index, 0)
+            new = lambda a, c: jnp.swapaxes(a, 1, 2).astype(c.dtype)  # noqa: E731
+            k_cache = jax.lax.dynamic_update_slice(k_cache, new(k, k_cache), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, new(v, v_cache), start)
+            out = attention.cached_attention(q, k_cache, v_cache, attend)
             k, v = k_cache, v_cache
-        scores = jnp.einsum(
-            "bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32
-        ) / jnp.sqrt(jnp.float32(cfg.head_dim))
-        scores = jnp.where(attend, scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, cfg.n_embd)
+        out = out.reshape(b, t, cfg.n_embd)
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5
         out = _dense(cfg.n_embd, ("joined_heads", "embed"), cfg, proj_std, "c_proj")(out)
-        return out, k_cache, v_cache
+        return out, k, v
 
 
 class MLP(nn.Module):
@@ -224,15 +273,22 @@ class Block(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, attend, k_cache=None, v_cache=None, index=None):
+    def __call__(self, x, attend, k_cache=None, v_cache=None, index=None, rows=None):
+        """One pre-LN block on the float32 residual stream `x`; returns (x, keys, values).
+
+        With `rows` (`[batch, P]` positions), the block's output is computed at those positions
+        only (`[batch, P, n_embd]`); keys and values still cover every position.
+        """
         cfg = self.config
         h = _layer_norm(cfg, "ln_1")(x).astype(cfg.compute_dtype)
-        a, k_cache, v_cache = Attention(cfg, name="attn")(h, attend, k_cache, v_cache, index)
-        x = x + a
+        a, k, v = Attention(cfg, name="attn")(h, attend, k_cache, v_cache, index, rows)
+        if rows is not None:
+            x = jnp.take_along_axis(x, rows[:, :, None], axis=1)
+        x = x + a.astype(jnp.float32)
         h = _layer_norm(cfg, "ln_2")(x).astype(cfg.compute_dtype)
-        x = x + MLP(cfg, name="mlp")(h)
+        x = x + MLP(cfg, name="mlp")(h).astype(jnp.float32)
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-        return x, k_cache, v_cache
+        return x, k, v
 
 
 def exclusive_cumsum(mask: Array) -> Array:
@@ -256,17 +312,25 @@ class GPT2(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens: Array, cache: KVCache | None = None):
+    def __call__(self, tokens: Array, cache: KVCache | None = None, prefill_len: int = 0,
+                 out_positions: Array | None = None):
         """Runs the trunk.
 
         Args:
             tokens: `[batch, T]` int32 token ids; `config.pad_id` marks padding.
             cache: optional KVCache. With a cache the tokens are written at slots
                 [cache.index, cache.index + T) and attend to every filled slot before them.
+            prefill_len: without a cache, > 0 also returns a new KVCache of this many slots
+                holding these tokens (a prefill: the sequence attends only to itself, so it
+                takes the fused full-sequence attention).
+            out_positions: without a cache, optional `[batch, P]` int32 positions whose hidden
+                states are all the caller needs (e.g. the response positions of a PPO forward,
+                the last position of a reward). The last block then computes queries, MLP and
+                `ln_f` at those positions only: its work at every other position feeds nothing.
 
         Returns:
-            (hidden `[batch, T, n_embd]` float32 after `ln_f` with pad states carried forward,
-             the updated cache or None).
+            (hidden `[batch, T or P, n_embd]` float32 after `ln_f` with pad states carried
+             forward, the updated or new cache, or None).
         """
         cfg = self.config
         tokens = tokens.astype(jnp.int32)
@@ -297,22 +361,30 @@ class GPT2(nn.Module):
             (cfg.n_positions, cfg.n_embd),
             jnp.float32,
         )
+        # The residual stream stays float32 in every dtype; blocks cast their matmul inputs.
         x = jnp.take(wte, ids, axis=0) + jnp.take(wpe, positions, axis=0)
-        x = x.astype(cfg.compute_dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
+        # Pad positions take the state of the last real token before them (spec §1.3.4).
+        source = carry_forward_index(mask)
+        rows = None
+        if out_positions is not None:
+            if cache is not None:
+                raise ValueError("out_positions is for full-sequence forwards, not a cache")
+            rows = jnp.take_along_axis(source, out_positions.astype(jnp.int32), axis=1)
         block_cls = nn.remat(Block) if cfg.remat else Block
         new_k, new_v = [], []
         for i in range(cfg.n_layer):
             kc = cache.k[i] if cache is not None else None
             vc = cache.v[i] if cache is not None else None
             idx = cache.index if cache is not None else None
-            x, kc, vc = block_cls(cfg, name=f"h_{i}")(x, attend, kc, vc, idx)
+            last_rows = rows if i == cfg.n_layer - 1 else None
+            x, kc, vc = block_cls(cfg, name=f"h_{i}")(x, attend, kc, vc, idx, last_rows)
             new_k.append(kc)
             new_v.append(vc)
         h = _layer_norm(cfg, "ln_f")(x).astype(jnp.float32)
-        # Pad positions take the state of the last real token before them (spec §1.3.4).
-        h = jnp.take_along_axis(h, carry_forward_index(mask)[:, :, None], axis=1)
+        if rows is None:
+            h = jnp.take_along_axis(h, source[:, :, None], axis=1)
 
         new_cache = None
         if cache is not None:
@@ -323,4 +395,6 @@ class GPT2(nn.Module):
                 positions=cache.positions + mask.sum(axis=1, dtype=jnp.int32),
                 index=cache.index + t,
             )
+        elif prefill_len:
+            new_cache = KVCache.from_prefix(new_k, new_v, mask, prefill_len)
         return h, new_cache

@@ -188,9 +188,11 @@ def check_ppo(config: ConfigDict, mesh=None) -> None:
     _choice(config, "ppo.value_model", ("shared", "separate"))
     if mesh is not None:
         try:
-            ppo_trainer.check_ppo_config(config.ppo, mesh)
+            ppo_trainer.check_ppo_config(config.ppo, mesh,
+                                         config.model.get("micro_batch_size", 0))
         except ValueError as err:
-            raise ConfigError(f"--config.{err}") from None
+            msg = str(err)  # the micro-batch checks name their --config. path themselves
+            raise ConfigError(msg if msg.startswith("--config.") else f"--config.{msg}") from None
 
 
 SFT_MODES = ("lm", "summarize")
