@@ -36,6 +36,7 @@ from rlhf_jax import (
     experiment,
     label,
     labelers,
+    paths,
     runtime,
     sample,
     summary_metrics,
@@ -60,7 +61,7 @@ def quickstart_config(workdir: str, task: str = "sentiment") -> ml_collections.C
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("runlocal")
-    config.labels.path = os.path.join(workdir, "labels.json")
+    config.labels.path = paths.join(workdir, "labels.json")
     config.labels.num_train, config.labels.num_valid = 4096, 256
     config.labeler.rollout_batch_size = 64
     config.rewards.batch_size = 16
@@ -68,7 +69,7 @@ def quickstart_config(workdir: str, task: str = "sentiment") -> ml_collections.C
     # epoch of these labels left held-out accuracy at chance (0.26-0.28 on 128-256 labels, for
     # lr 3e-4 to 3e-3, 512 to 4096 labels); from a random trunk the same run reached 0.54.
     config.rewards.init = "random"
-    config.rewards.trained_model = os.path.join(workdir, "reward")
+    config.rewards.trained_model = paths.join(workdir, "reward")
     # PPO sized for two CPU cores; a random-init tiny model needs a much larger step than the
     # original's 1e-5 for pretrained GPT-2.
     config.ppo.batch_size = 32
@@ -151,20 +152,20 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
         samples_per_query: samples of each query, before and after.
         config: overrides `quickstart_config(workdir, task)` (tests shrink it).
     """
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     config = config or quickstart_config(workdir, task)
-    sft_dir = os.path.join(workdir, "sft")
+    sft_dir = paths.join(workdir, "sft")
     logger.info("[1/5] supervised fine-tuning of a tiny GPT-2 (%s)", config.sft.mode)
     train_sft.train_sft(config, sft_dir)
-    config.model.checkpoint = os.path.join(sft_dir, train_sft.HF_MODEL_DIR)
-    if not os.path.exists(config.labels.path):
+    config.model.checkpoint = paths.join(sft_dir, train_sft.HF_MODEL_DIR)
+    if not paths.exists(config.labels.path):
         logger.info("[2/5] mock labels: the %r labeler picks the best of 4 samples",
                     config.labeler.kind)
         label.write_mock_labels(config, config.labels.path)
     logger.info("[3/5] reward model")
     rm_final = train_reward.train_reward(config, config.rewards.trained_model)
     logger.info("[4/5] PPO")
-    policy_dir = os.path.join(workdir, "policy")
+    policy_dir = paths.join(workdir, "policy")
     last = train_policy.train_policy(config, policy_dir)
     logger.info("[5/5] samples of the initial and the trained policy on held-out queries")
     t = config.task
@@ -194,9 +195,9 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     md = (f"# Quickstart ({task}): before and after PPO\n\n"
           f"{_headline(task, judged_before, judged_after, len(after))}\n\n"
           + _table(before[::samples_per_query], after[::samples_per_query], metric))
-    runtime.atomic_write_text(os.path.join(workdir, "before_after.md"), md)
-    runtime.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
-    runtime.atomic_write_text(os.path.join(workdir, "samples_before_after.jsonl"), "".join(
+    runtime.atomic_write_text(paths.join(workdir, "before_after.md"), md)
+    runtime.atomic_write_text(paths.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    runtime.atomic_write_text(paths.join(workdir, "samples_before_after.jsonl"), "".join(
         json.dumps({"stage": stage, **row}) + "\n"
         for stage, rows in (("before", before), ("after", after)) for row in rows))
     print(md, flush=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 
 import jax
@@ -44,6 +43,7 @@ from rlhf_jax import (
     kl_control,
     labelers,
     metrics as metrics_lib,
+    paths,
     ppo_trainer,
     runtime,
     sharding,
@@ -68,7 +68,7 @@ def reward_model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains a reward model into {workdir}/reward unless rewards.trained_model names one."""
     if config.rewards.trained_model:
         return config.rewards.trained_model
-    rm_dir = os.path.join(workdir, "reward")
+    rm_dir = paths.join(workdir, "reward")
     logger.info("rewards.trained_model is empty: training a reward model in %s first", rm_dir)
     train_reward.train_reward(config, rm_dir)
     return rm_dir
@@ -77,6 +77,8 @@ def reward_model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs PPO to `ppo.total_episodes`; returns the last iteration's metrics."""
     p = config.ppo
+    validation.check_storage(config, workdir, validation.MODEL_INPUTS + (
+        ("rewards.trained_model",) if config.rewards.trained_model else ("labels.path",)))
     mesh, rules = validation.validate_with_mesh(config, SECTIONS)
     validation.check_reward_source(config)
     micro = config.model.get("micro_batch_size", 0)
@@ -182,10 +184,10 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 run.exit_if_stopped(done)
     run.close()
     if runtime.is_primary():
-        metrics_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
-                                 os.path.join(workdir, "plot.png"), x="elapsed/episodes",
+        metrics_lib.plot_metrics(paths.join(workdir, metrics_lib.METRICS_FILE),
+                                 paths.join(workdir, "plot.png"), x="elapsed/episodes",
                                  ys=("objective/score", "objective/kl", "objective/kl_coef"),
-                                 title=f"PPO {os.path.basename(os.path.normpath(workdir))}")
+                                 title=f"PPO {paths.basename(workdir)}")
     return last
 
 

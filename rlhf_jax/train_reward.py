@@ -247,6 +247,9 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
         workdir: the run directory.
         labels: label arrays to train on instead of reading `labels.path` (an online round).
     """
+    # gs:// inputs readable and the workdir writable, before the labels are even read.
+    validation.check_storage(config, workdir, validation.MODEL_INPUTS
+                             + (("labels.path",) if labels is None else ()))
     setup = RewardSetup(config, labels)  # every input is validated before any compute
     compile_cache.enable_from_config(config)
     run = loop.TrainRun(config, workdir, trainer="train_reward", ignore_sections=IGNORED_SECTIONS)
