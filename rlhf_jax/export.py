@@ -152,9 +152,9 @@ def export_run(workdir: str, output: str, *, step: int | None = None) -> dict:
             max_new_tokens=int(task.get("response_length", 24)), bos_token_id=eot,
             eos_token_id=eot, pad_token_id=eot)
         generation.save_pretrained(model_dir)
-        info = {"kind": run["kind"], "step": run["step"],
+        info = {"kind": run["kind"],
                 "workdir": workdir if paths.is_remote(workdir) else os.path.abspath(workdir),
-                "task": task, "tokenizer": tok_name,
+                "step": run["step"], "task": task, "tokenizer": tok_name,
                 "files": sorted(os.listdir(model_dir)) + [EXPORT_FILE]}
         if run["kind"] == "reward":
             info["reward"] = ("gain * (last_hidden_state[-1] @ reward_head.kernel + "

@@ -248,7 +248,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
         labels: label arrays to train on instead of reading `labels.path` (an online round).
     """
     # gs:// inputs readable and the workdir writable, before the labels are even read.
-    validation.check_storage(config, workdir, validation.MODEL_INPUTS
+    validation.check_storage(config, workdir, validation.MODEL_INPUTS + ("rewards.init",)
                              + (("labels.path",) if labels is None else ()))
     setup = RewardSetup(config, labels)  # every input is validated before any compute
     compile_cache.enable_from_config(config)
