@@ -157,6 +157,8 @@ def local_staging_dir(prefix: str = "rlhf_jax-") -> str:
 
 # --- Start-up access checks ---------------------------------------------------------------------
 
+# Object stores checked at start-up (http(s) inputs are read once, with their own errors).
+CHECKED_SCHEMES = ("gs://",)
 _PROBE = b"rlhf_jax write probe\n"  # not empty: some servers mishandle an empty upload
 
 
@@ -184,7 +186,7 @@ def _describe(path: str, flag: str, err: BaseException, action: str) -> StorageA
 
 
 def check_readable(path: str, flag: str) -> None:
-    """Fails now, naming `flag`, when a remote input cannot be read (local paths: no-op).
+    """Fails now, naming `flag`, when a `gs://` input cannot be read (other paths: no-op).
 
     Args:
         path: a file or directory URL (`gs://...`).
@@ -194,7 +196,7 @@ def check_readable(path: str, flag: str) -> None:
         StorageAccessError: for a missing object or bucket, missing credentials or a refused
             permission.
     """
-    if not path or not is_remote(path):
+    if not path or not path.startswith(CHECKED_SCHEMES):
         return
     try:
         if not as_path(path).exists():
@@ -204,7 +206,7 @@ def check_readable(path: str, flag: str) -> None:
 
 
 def check_writable(path: str, flag: str) -> None:
-    """Fails now, naming `flag`, when a remote directory cannot be written (local: no-op).
+    """Fails now, naming `flag`, when a `gs://` directory cannot be written (others: no-op).
 
     Writes and deletes one small probe object under `path`, through both GCS clients a run
     uses: etils.epath (metrics, configs, orbax metadata) and tensorstore (orbax's array data),
@@ -217,7 +219,7 @@ def check_writable(path: str, flag: str) -> None:
     Raises:
         StorageAccessError: for a missing bucket, missing credentials or a refused permission.
     """
-    if not path or not is_remote(path):
+    if not path or not path.startswith(CHECKED_SCHEMES):
         return
     probe = join(path, f".rlhf_jax_write_probe-{uuid.uuid4().hex}")
     try:
@@ -226,8 +228,7 @@ def check_writable(path: str, flag: str) -> None:
         target.unlink()
     except Exception as err:  # every client error becomes one clear message
         raise _describe(path, flag, err, "write") from err
-    if path.startswith("gs://"):
-        _check_tensorstore_writable(path, probe, flag)
+    _check_tensorstore_writable(path, probe, flag)
 
 
 def _check_tensorstore_writable(path: str, probe: str, flag: str) -> None:

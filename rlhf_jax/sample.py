@@ -152,6 +152,7 @@ def main(argv):
     elif f.config is not None:
         config = f.config
         validation.validate(config, ("model", "task"))
+        validation.check_storage(config, None, validation.MODEL_INPUTS)
         gpt_cfg = experiment.gpt2_config(config)
         params = {"transformer": experiment.initial_trunk(config, gpt_cfg)}
     else:
