@@ -53,7 +53,7 @@ def _env(**extra) -> dict:
 def _run(args, cwd, timeout=600, **env):
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
     return proc, time.time() - t0
 
 
