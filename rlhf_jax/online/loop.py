@@ -294,6 +294,9 @@ class OnlineRun:
         rc = copy.deepcopy(self.config)  # locked: existing fields may be set, none added
         rc.labels.num_train, rc.labels.num_valid = self.counts[k], 0
         rc.labels.path, rc.rewards.trained_model = "", ""
+        # A round is part of one policy iteration: the policy's stop_after counts iterations,
+        # not reward-model steps (a stop signal still stops a round, resumably).
+        rc.stop_after = 0
         return rc
 
     def _label_arrays(self, start: int, stop: int) -> dict[str, np.ndarray]:
