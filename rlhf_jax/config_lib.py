@@ -231,7 +231,7 @@ def labels_config(path: str = "", type: str = "best_of_4", num_train: int = 4992
 def labeler_config(kind: str = "vader", **kw) -> ml_collections.ConfigDict:
     """A mock labeler for `python -m rlhf_jax.label` (no humans needed).
 
-    kind (`label.SCORER_KINDS`): "vader" (VADER compound sentiment of the response),
+    kind (`scorers.SCORER_KINDS`): "vader" (VADER compound sentiment of the response),
     "descriptiveness" (share of vivid words: adjectives and adverbs of lemminflect's lexicon,
     `style_scorers.DescriptivenessScorer`), "copying" (prefers sentences copied from the
     article, as the paper's summary labelers did) or "rouge" (prefers ROUGE-L closeness to the

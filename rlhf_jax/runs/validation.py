@@ -19,7 +19,10 @@ from typing import Any
 
 import ml_collections
 
-from rlhf_jax import label_types, models, optim, sharding
+from rlhf_jax import label_types, models, optim, scorers, sharding
+
+# How the mock labeler treats samples that fail the validity check (`labeler.invalid_samples`).
+INVALID_SAMPLES = ("resample", "keep")
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -127,14 +130,12 @@ def check_labeler(config: ConfigDict, mesh=None) -> None:
     check_labels(config, need_path=False)
     if not isinstance(label_types.get_label_type(config.labels.type), label_types.BestOfN):
         _fail("labels.type", config.labels.type, "mock labelers write best_of_N labels")
-    from rlhf_jax import label  # the labeler's entry point; it imports this module
-
-    _choice(config, "labeler.kind", label.SCORER_KINDS)
+    _choice(config, "labeler.kind", scorers.SCORER_KINDS)
     _floats(config, 0.0, math.inf, "labeler.temperature")
     _ints(config, 1, "labeler.rollout_batch_size")
     _ints(config, 0, "labeler.query_offset", "labeler.seed", "labeler.copy_ngram")
     if "invalid_samples" in config.labeler:
-        _choice(config, "labeler.invalid_samples", label.INVALID_SAMPLES)
+        _choice(config, "labeler.invalid_samples", INVALID_SAMPLES)
         _ints(config, 0, "labeler.resample_rounds")
     if mesh is not None:
         _divisible("labeler.rollout_batch_size", config.labeler.rollout_batch_size, mesh)
