@@ -230,9 +230,7 @@ def check_online(config: ConfigDict, mesh=None) -> None:
     for path in ("online.wait", "online.warm"):
         if not isinstance(_get(config, path), bool):
             _fail(path, _get(config, path), "must be True or False")
-    from rlhf_jax import label_types as lt  # the label type sets how many samples a comparison has
-
-    if not isinstance(lt.get_label_type(config.labels.type), lt.BestOfN):
+    if not isinstance(label_types.get_label_type(config.labels.type), label_types.BestOfN):
         _fail("labels.type", config.labels.type, "online comparisons are best_of_N")
     if o.total_labels < o.initial_labels:
         _fail("online.total_labels", o.total_labels,
@@ -245,7 +243,7 @@ def check_online(config: ConfigDict, mesh=None) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if mesh is not None:
-        n = lt.get_label_type(config.labels.type).num_samples
+        n = label_types.get_label_type(config.labels.type).num_samples
         if config.ppo.batch_size % n:
             _fail("ppo.batch_size", config.ppo.batch_size, f"is not divisible by {n}: online "
                   f"comparisons take ppo.batch_size / {n} fresh queries per sampling")
