@@ -252,7 +252,7 @@ def _online_summary(policy_dir: str) -> dict:
               for k in ("online/policy_preferred", "online/rm_accuracy_fresh")}
     return {"policy_preferred": series["online/policy_preferred"],
             "rm_accuracy_fresh": series["online/rm_accuracy_fresh"],
-            "labels": rows[-1].get("online/labels") if rows else None,
+            "labels": int(rows[-1].get("online/labels", 0)) if rows else 0,
             "rm_rounds": int(rows[-1].get("online/rm_round", -1)) + 1 if rows else 0}
 
 
