@@ -49,6 +49,7 @@ from rlhf_jax import (
     sharding,
     train_reward,
 )
+from rlhf_jax.online import loop as online
 from rlhf_jax.runs import loop, nonfinite, validation
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ logger = logging.getLogger(__name__)
 EXIT_STOPPED = runtime.EXIT_STOPPED
 # One exception type for every trainer's non-finite stop; the old name stays importable.
 NonFiniteLossError = nonfinite.NonFiniteError
-SECTIONS = ("runtime", "model", "task", "ppo", "rewards")  # validated at start-up
+SECTIONS = ("runtime", "model", "task", "ppo", "rewards", "online")  # validated at start-up
 IGNORED_SECTIONS = ("sft", "labeler")  # not read by PPO
 
 
@@ -77,10 +78,15 @@ def reward_model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs PPO to `ppo.total_episodes`; returns the last iteration's metrics."""
     p = config.ppo
-    validation.check_storage(config, workdir, validation.MODEL_INPUTS + (
-        ("rewards.trained_model",) if config.rewards.trained_model else ("labels.path",)))
+    online_on = "online" in config and config.online.enabled
+    # gs:// inputs readable and the workdir writable, before any compute (an online run's
+    # labels come from its label store, not labels.path).
+    reward_inputs = (("rewards.trained_model",) if config.rewards.trained_model
+                     else () if online_on else ("labels.path",))
+    validation.check_storage(config, workdir, validation.MODEL_INPUTS + reward_inputs)
     mesh, rules = validation.validate_with_mesh(config, SECTIONS)
-    validation.check_reward_source(config)
+    if not online_on:  # online: the reward model comes from the rounds of the online loop
+        validation.check_reward_source(config)
     micro = config.model.get("micro_batch_size", 0)
     settings = ppo_trainer.PPOSettings.from_config(p, micro)
     compile_cache.enable_from_config(config)
@@ -90,9 +96,13 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dataset = experiment.query_dataset(config, tok, spec)
     # Refuses a resume with another config before the reward stage or anything else runs.
     run = loop.TrainRun(config, workdir, trainer="train_policy", ignore_sections=IGNORED_SECTIONS)
-    # The reward stage is a run of its own (in {workdir}/reward) with its own start-up checks.
-    rm_params, rm_cfg, _ = train_reward.load_reward_model(
-        reward_model_dir(config, workdir), mesh, rules, expected_spec=spec)
+    if online_on:  # the label store is reached and checked before anything trains
+        store = online.connect(config, online.task_identity(config, gpt_cfg, spec))
+        rm_params, rm_cfg = None, gpt_cfg  # round 0 trains it, below
+    else:
+        # The reward stage is a run of its own (in {workdir}/reward) with its own checks.
+        rm_params, rm_cfg, _ = train_reward.load_reward_model(
+            reward_model_dir(config, workdir), mesh, rules, expected_spec=spec)
     with run.starting():  # a failed start in a new workdir leaves none behind
         num_updates = math.ceil(p.total_episodes / p.batch_size)
         tx = ppo_trainer.make_optimizer(p, num_updates)
@@ -122,6 +132,14 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}
 
         run.open(save_every=config.ckpt_every, keep=config.ckpt_keep)
+        live = None
+        if online_on:
+            live = online.OnlineRun(config, workdir, store, online.task_identity(config, gpt_cfg,
+                                                                                spec),
+                                    spec=spec, tok=tok, mesh=mesh, rules=rules, fns=fns,
+                                    layout=layout, dataset=dataset, rm_cfg=rm_cfg,
+                                    ref_params=ref_params,
+                                    stop=lambda: run.stop is not None and run.stop.requested)
         run_meta = {"gpt2_config": dict(vars(gpt_cfg)),
                     "task_spec": experiment.spec_dict(spec), "value_model": p.value_model}
         restored = run.restore(checkpointing.abstract_state(layout.abstract_state,
@@ -130,8 +148,17 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, meta = restored
             checkpointing.check_compatible(meta, run_meta, list(run_meta))
             last = meta.get("final", {})  # a finished run returns its final metrics again
-        else:  # (2) the initial model
-            state, last = fresh_state(), {}
+            if live is not None:
+                rm_params = live.restore(meta.get("online", {}))
+        else:
+            state, last = None, {}
+    if state is None:  # (2) the initial model; online: round 0 first, on ρ's samples
+        if live is not None:  # (outside `starting`: a failed wait must not remove its labels)
+            init_policy = jax.device_put(
+                experiment.with_heads(trunk, gpt_cfg, heads, rng_init), layout.rollout)
+            rm_params, _ = live.before_iteration(0, init_policy)
+            del init_policy
+        state = fresh_state()
 
     start = int(state["step"])
     progress = metrics_lib.Progress(num_updates, start=start, desc="train_policy",
@@ -144,6 +171,9 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       process_count=jax.process_count())
             queries = sharding.host_batch_to_global(local, mesh)
             policy = to_rollout(state["params"]["policy"])
+            online_stats = {}
+            if live is not None:  # enqueue the policy's samples, maybe a new reward model
+                rm_params, online_stats = live.before_iteration(it, policy)
             value_params = state["params"].get("value")
             timings = {}
             data, stats, extras = fns.rollout(policy, value_params, ref_params, rm_params,
@@ -155,6 +185,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    jax.random.fold_in(rng_shuffle, it))
             done = it + 1
             stats = {k: float(v) for k, v in jax.device_get({**stats, **train_stats}).items()}
+            stats |= online_stats
             # Every stat is on the host already, so the iteration is checked at once.
             run.check(done, flags)
             run.guard.flush()
@@ -178,15 +209,20 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 run.writer.write_samples(done, _sample_rows(tok, extras, spec, config, p.kl.coef))
                 progress.update(done, score=stats["objective/score"], kl=stats["objective/kl"])
             final = {"final": stats} if done == num_updates else {}
+            if live is not None:
+                final["online"] = live.checkpoint_meta()
             run.save(done, state, run_meta | final, force=done == num_updates, total=num_updates)
             del data, extras  # free this iteration's rollout before the next one starts
             if done < num_updates:
                 run.exit_if_stopped(done)
     run.close()
+    if live is not None:
+        live.close()
     if runtime.is_primary():
         metrics_lib.plot_metrics(paths.join(workdir, metrics_lib.METRICS_FILE),
                                  paths.join(workdir, "plot.png"), x="elapsed/episodes",
-                                 ys=("objective/score", "objective/kl", "objective/kl_coef"),
+                                 ys=("objective/score", "objective/kl", "objective/kl_coef",
+                                     *online.PLOTTED),
                                  title=f"PPO {paths.basename(workdir)}")
     return last
 
