@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 
-from rlhf_jax import cli, experiment, flops, label_types, ppo_trainer, sharding, train_reward
+from rlhf_jax import cli, experiment, flops, label_types, ppo_trainer, runtime, sharding
+from rlhf_jax import train_reward
 from rlhf_jax import programs as programs_lib
 from rlhf_jax.data import tasks
 # The compiling machinery lives in `rlhf_jax.programs`; these names are part of this module's API.
@@ -470,8 +471,7 @@ def main(argv):
     report.command = " ".join(["python -m rlhf_jax.aot_check"] + sys.argv[1:])
     print(format_report(report))
     if f.json:
-        with open(f.json, "w") as fh:
-            json.dump(report.to_dict(), fh, indent=2)
+        runtime.atomic_write_text(f.json, json.dumps(report.to_dict(), indent=2))  # or gs://
     try:
         check_report(report)
     except DoesNotFitError as e:

@@ -29,7 +29,7 @@ from typing import Any
 
 from absl import app, flags
 
-from rlhf_jax import runtime, summary_metrics
+from rlhf_jax import paths, runtime, summary_metrics
 from rlhf_jax.data import sources
 from rlhf_jax.runs import validation
 
@@ -44,7 +44,7 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
     """Reads and validates a samples JSONL file.
 
     Args:
-        path: the file (local; blank lines are skipped).
+        path: the file (local or `gs://`; blank lines are skipped).
         step: keep only rows whose "step" equals this; None keeps every row.
 
     Returns:
@@ -57,7 +57,7 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
     """
     out: dict[str, list[str]] = {"query": [], "response": [], "reference": []}
     first_ref_line = first_plain_line = None
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         lines = sources.utf8_lines(f, path, SamplesError)
         for lineno, where, row in sources.json_objects(lines, path, SamplesError):
             for field in FIELDS + (("reference",) if "reference" in row else ()):
@@ -86,6 +86,11 @@ def read_samples(path: str, step: int | None = None) -> dict[str, list[str] | No
                                                     else ""))
     return {"query": out["query"], "response": out["response"],
             "reference": out["reference"] if first_ref_line else None}
+
+
+def _open_binary(path: str):
+    """A local file opened for reading, or a `gs://` object read whole (samples are small)."""
+    return io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else open(path, "rb")
 
 
 def lead3_report(queries: list[str], references: list[str]) -> dict[str, Any]:
@@ -187,6 +192,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    paths.check_readable(FLAGS.samples, "--samples")  # gs://: before any work
     validation.check_output_file(FLAGS.output)
     if FLAGS.plot:
         validation.check_output_file(FLAGS.plot, "plot")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import models, sharding
+from rlhf_jax import models, paths, sharding
 from rlhf_jax.data import query_sources, summarization, tasks
 from rlhf_jax.models import hf_import
 
@@ -186,8 +185,7 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
 
 
 def ensure_workdir(workdir: str) -> str:
-    if not workdir.startswith("gs://"):
-        os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     return workdir
 
 

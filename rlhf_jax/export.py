@@ -36,8 +36,8 @@ import tempfile
 import ml_collections
 from absl import flags
 
-from rlhf_jax import checkpoint_reader, cli, experiment, models, runtime
-from rlhf_jax.runs import record
+from rlhf_jax import checkpoint_reader, cli, experiment, models, paths, runtime
+from rlhf_jax.runs import record, validation
 from rlhf_jax.models import hf_import
 from rlhf_jax.tokenizer import get_tokenizer
 
@@ -54,8 +54,7 @@ class ExportError(ValueError):
 
 
 def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 def read_run(workdir: str, step: int | None = None) -> dict:
@@ -73,20 +72,20 @@ def read_run(workdir: str, step: int | None = None) -> dict:
         ExportError: no such workdir, or no checkpoint in it (the message names what it
             looked for).
     """
-    if not os.path.isdir(workdir):
+    if not paths.isdir(workdir):
         raise ExportError(f"--workdir {workdir}: no such directory")
     # The config the run last ran with (config_history.jsonl, else config.json).
     recorded = record.recorded_config(workdir)
     config = ml_collections.ConfigDict(recorded) if recorded is not None else None
-    reward_meta = os.path.join(workdir, REWARD_META)
-    if step is None and os.path.exists(reward_meta):
+    reward_meta = paths.join(workdir, REWARD_META)
+    if step is None and paths.exists(reward_meta):
         meta = _read_json(reward_meta)
-        params = checkpoint_reader.read_params(os.path.join(workdir, REWARD_DIR),
+        params = checkpoint_reader.read_params(paths.join(workdir, REWARD_DIR),
                                                meta.get("checksums"))
         return {"kind": "reward", "step": None, "params": params, "config": config,
                 "gpt2_config": models.GPT2Config(**meta["gpt2_config"]),
                 "task_spec": meta.get("task_spec")}
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = paths.join(workdir, "checkpoints")
     try:
         params, meta, step = checkpoint_reader.read_state(ckpt_dir, step)
     except FileNotFoundError as e:
@@ -122,8 +121,8 @@ def export_run(workdir: str, output: str, *, step: int | None = None) -> dict:
     """Writes the workdir's model to `output` as a Hugging Face GPT-2 directory.
 
     Args:
-        workdir: a train_policy, train_sft or train_reward workdir (local).
-        output: the directory to create; it must not exist yet.
+        workdir: a train_policy, train_sft or train_reward workdir (local or `gs://`).
+        output: the directory to create (local or `gs://`); it must not exist yet.
         step: a checkpoint step instead of the final model / latest checkpoint.
 
     Returns:
@@ -131,14 +130,18 @@ def export_run(workdir: str, output: str, *, step: int | None = None) -> dict:
     """
     import transformers
 
-    if os.path.exists(output):
+    if paths.exists(output):
         raise ExportError(f"--output {output}: already exists; refusing to overwrite it")
     run = read_run(workdir, step)
     cfg, task = run["gpt2_config"], _task_settings(run)
     tok_name = run["config"].model.tokenizer if run["config"] is not None else "gpt2"
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    remote = paths.is_remote(output)
+    if remote:  # assembled locally, then uploaded with config.json last (paths.upload_dir)
+        staging = paths.local_staging_dir(".tmp-export-")
+    else:
+        parent = os.path.dirname(os.path.abspath(output))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
     try:
         model_dir = os.path.join(staging, "model")
         hf_import.save_hf_checkpoint(run["params"], cfg, model_dir)  # + heads file for an RM
@@ -149,15 +152,19 @@ def export_run(workdir: str, output: str, *, step: int | None = None) -> dict:
             max_new_tokens=int(task.get("response_length", 24)), bos_token_id=eot,
             eos_token_id=eot, pad_token_id=eot)
         generation.save_pretrained(model_dir)
-        info = {"kind": run["kind"], "workdir": os.path.abspath(workdir), "step": run["step"],
-                "task": task, "tokenizer": tok_name,
+        info = {"kind": run["kind"],
+                "workdir": workdir if paths.is_remote(workdir) else os.path.abspath(workdir),
+                "step": run["step"], "task": task, "tokenizer": tok_name,
                 "files": sorted(os.listdir(model_dir)) + [EXPORT_FILE]}
         if run["kind"] == "reward":
             info["reward"] = ("gain * (last_hidden_state[-1] @ reward_head.kernel + "
                               "reward_head.bias) + reward_norm.bias, on raw query ‖ response")
         runtime.atomic_write_text(os.path.join(model_dir, EXPORT_FILE),
                                   json.dumps(info, indent=2) + "\n")
-        os.replace(model_dir, output)
+        if remote:
+            paths.upload_dir(model_dir, output, last=(hf_import.CONFIG_FILE,))
+        else:
+            os.replace(model_dir, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("exported the %s model of %s (step %s) to %s", run["kind"], workdir,
@@ -200,10 +207,16 @@ def main(argv):
     runtime.setup_logging()
     f = flags.FLAGS
     try:
+        paths.check_readable(f.workdir, "--workdir")  # gs://: before anything is read
+        if paths.is_remote(f.output):
+            validation.check_output_file(f.output)  # a probe object beside it
+            if f.push_to_hub:
+                raise ExportError(f"--push_to_hub needs a local --output (got {f.output}): "
+                                  "huggingface_hub uploads a local folder")
         info = export_run(f.workdir, f.output, step=f.step)
         if f.push_to_hub:
             info["pushed"] = push_to_hub(f.output, f.push_to_hub)
-    except ExportError as e:
+    except (ExportError, paths.StorageAccessError) as e:
         print(f"export: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(json.dumps(info, indent=2), flush=True)

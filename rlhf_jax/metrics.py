@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from rlhf_jax import runtime, wandb_logging
+from rlhf_jax import paths, runtime, wandb_logging
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -158,7 +158,7 @@ class MetricWriter:
         self._pending: list[concurrent.futures.Future] = []
         if not self._active:
             return
-        epath.Path(self._workdir).mkdir(parents=True, exist_ok=True)
+        paths.makedirs(self._workdir)  # GCS: nothing to make
         self._metrics = _JsonlFile(self._path(METRICS_FILE), resume_step)
         self._samples = _JsonlFile(self._path(SAMPLES_FILE), resume_step)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")

@@ -43,6 +43,7 @@ from rlhf_jax import (
     experiment,
     label,
     labelers,
+    paths,
     runtime,
     sample,
     summary_metrics,
@@ -72,7 +73,7 @@ def quickstart_config(workdir: str, task: str = "sentiment",
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("runlocal")
-    config.labels.path = os.path.join(workdir, "labels.json")
+    config.labels.path = paths.join(workdir, "labels.json")
     config.labels.num_train, config.labels.num_valid = 4096, 256
     config.labeler.rollout_batch_size = 64
     config.rewards.batch_size = 16
@@ -80,7 +81,7 @@ def quickstart_config(workdir: str, task: str = "sentiment",
     # epoch of these labels left held-out accuracy at chance (0.26-0.28 on 128-256 labels, for
     # lr 3e-4 to 3e-3, 512 to 4096 labels); from a random trunk the same run reached 0.54.
     config.rewards.init = "random"
-    config.rewards.trained_model = os.path.join(workdir, "reward")
+    config.rewards.trained_model = paths.join(workdir, "reward")
     # PPO sized for two CPU cores; a random-init tiny model needs a much larger step than the
     # original's 1e-5 for pretrained GPT-2.
     config.ppo.batch_size = 32
@@ -171,19 +172,19 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
         config: overrides `quickstart_config(workdir, task)` (tests shrink it).
         online: collect the labels online from mock workers through a label server.
     """
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     config = config or quickstart_config(workdir, task, online=online)
-    sft_dir = os.path.join(workdir, "sft")
+    sft_dir = paths.join(workdir, "sft")
     logger.info("[1/5] supervised fine-tuning of a tiny GPT-2 (%s)", config.sft.mode)
     train_sft.train_sft(config, sft_dir)
-    config.model.checkpoint = os.path.join(sft_dir, train_sft.HF_MODEL_DIR)
-    policy_dir = os.path.join(workdir, "policy")
+    config.model.checkpoint = paths.join(sft_dir, train_sft.HF_MODEL_DIR)
+    policy_dir = paths.join(workdir, "policy")
     if online:
         logger.info("[2-4/5] online: PPO with labels from mock workers, reward model retrained "
                     "on the schedule")
         last, rm_final = _run_online(config, workdir, policy_dir), {}
     else:
-        if not os.path.exists(config.labels.path):
+        if not paths.exists(config.labels.path):
             logger.info("[2/5] mock labels: the %r labeler picks the best of 4 samples",
                         config.labeler.kind)
             label.write_mock_labels(config, config.labels.path)
@@ -222,9 +223,9 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     md = (f"# Quickstart ({task}): before and after PPO\n\n"
           f"{_headline(task, judged_before, judged_after, len(after))}\n\n{extra}"
           + _table(before[::samples_per_query], after[::samples_per_query], metric))
-    runtime.atomic_write_text(os.path.join(workdir, "before_after.md"), md)
-    runtime.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
-    runtime.atomic_write_text(os.path.join(workdir, "samples_before_after.jsonl"), "".join(
+    runtime.atomic_write_text(paths.join(workdir, "before_after.md"), md)
+    runtime.atomic_write_text(paths.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    runtime.atomic_write_text(paths.join(workdir, "samples_before_after.jsonl"), "".join(
         json.dumps({"stage": stage, **row}) + "\n"
         for stage, rows in (("before", before), ("after", after)) for row in rows))
     print(md, flush=True)

@@ -8,12 +8,11 @@ final metrics and the params' checksums, which a load verifies. Loading is read-
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpointing, experiment, models, runtime, sharding
+from rlhf_jax import checkpointing, experiment, models, paths, runtime, sharding
 from rlhf_jax.data import tasks
 
 REWARD_MODEL_DIR = "reward_model"
@@ -40,7 +39,7 @@ def save_reward_model(workdir: str, params, gpt_cfg: models.GPT2Config, spec: ta
     Returns:
         The params directory.
     """
-    path = os.path.join(workdir, REWARD_MODEL_DIR)
+    path = paths.join(workdir, REWARD_MODEL_DIR)
     digests = checkpointing.save_params(path, params)
     meta = {
         "gpt2_config": dict(vars(gpt_cfg)),
@@ -50,7 +49,7 @@ def save_reward_model(workdir: str, params, gpt_cfg: models.GPT2Config, spec: ta
         **(extra or {}),
     }
     if runtime.is_primary():  # the params above are saved by every process (orbax needs all)
-        runtime.atomic_write_text(os.path.join(workdir, REWARD_MODEL_META),
+        runtime.atomic_write_text(paths.join(workdir, REWARD_MODEL_META),
                                   json.dumps(meta, indent=2, sort_keys=True))
     if jax.process_count() > 1:  # no process may load the model before the metadata exists
         multihost_utils.sync_global_devices("save_reward_model")
@@ -64,14 +63,13 @@ def read_meta(path: str) -> dict:
         FileNotFoundError: when the workdir holds no finished reward model.
         RewardModelError: naming the file when it is not valid JSON or lacks a field.
     """
-    meta_path = os.path.join(path, REWARD_MODEL_META)
-    if not os.path.isdir(path) or not os.path.exists(meta_path):
+    meta_path = paths.join(path, REWARD_MODEL_META)
+    if not paths.isfile(meta_path):
         raise FileNotFoundError(
             f"rewards.trained_model={path!r}: no trained reward model there (expected "
             f"{REWARD_MODEL_META} and {REWARD_MODEL_DIR}/ written by train_reward)")
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(paths.read_text(meta_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RewardModelError(f"{meta_path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):
@@ -100,7 +98,7 @@ def load_reward_model(path: str, mesh, rules, expected_spec: tasks.TaskSpec | No
         checkpointing.CheckpointCorruptError: when the params do not restore or verify.
     """
     meta = read_meta(path)
-    meta_path = os.path.join(path, REWARD_MODEL_META)
+    meta_path = paths.join(path, REWARD_MODEL_META)
     try:
         gpt_cfg = models.GPT2Config(**meta["gpt2_config"])
     except (TypeError, ValueError) as err:
@@ -114,7 +112,7 @@ def load_reward_model(path: str, mesh, rules, expected_spec: tasks.TaskSpec | No
                 + ", ".join(f"{k}: reward model {a!r} vs policy {b!r}" for k, (a, b) in diff.items()))
     shardings = sharding.param_shardings(gpt_cfg, ("reward",), mesh, rules)
     abstract = jax.eval_shape(lambda: models.init_params(gpt_cfg, jax.random.key(0), ("reward",)))
-    params = checkpointing.load_params(os.path.join(path, REWARD_MODEL_DIR),
+    params = checkpointing.load_params(paths.join(path, REWARD_MODEL_DIR),
                                        checkpointing.abstract_state(abstract, shardings),
                                        checksums=meta.get("checksums"))
     return params, gpt_cfg, meta

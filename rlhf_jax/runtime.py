@@ -202,9 +202,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         data: Full file contents.
     """
     if not _is_local(path):
-        dest = epath.Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
+        # One upload, atomic in GCS; no parent "directories" to make (GCS has none).
+        epath.Path(path).write_bytes(data)
         return
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))

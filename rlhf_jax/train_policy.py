@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 
 import jax
@@ -44,6 +43,7 @@ from rlhf_jax import (
     kl_control,
     labelers,
     metrics as metrics_lib,
+    paths,
     ppo_trainer,
     runtime,
     sharding,
@@ -69,7 +69,7 @@ def reward_model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains a reward model into {workdir}/reward unless rewards.trained_model names one."""
     if config.rewards.trained_model:
         return config.rewards.trained_model
-    rm_dir = os.path.join(workdir, "reward")
+    rm_dir = paths.join(workdir, "reward")
     logger.info("rewards.trained_model is empty: training a reward model in %s first", rm_dir)
     train_reward.train_reward(config, rm_dir)
     return rm_dir
@@ -78,8 +78,13 @@ def reward_model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs PPO to `ppo.total_episodes`; returns the last iteration's metrics."""
     p = config.ppo
-    mesh, rules = validation.validate_with_mesh(config, SECTIONS)
     online_on = "online" in config and config.online.enabled
+    # gs:// inputs readable and the workdir writable, before any compute (an online run's
+    # labels come from its label store, not labels.path).
+    reward_inputs = (("rewards.trained_model",) if config.rewards.trained_model
+                     else () if online_on else ("labels.path",))
+    validation.check_storage(config, workdir, validation.MODEL_INPUTS + reward_inputs)
+    mesh, rules = validation.validate_with_mesh(config, SECTIONS)
     if not online_on:  # online: the reward model comes from the rounds of the online loop
         validation.check_reward_source(config)
     micro = config.model.get("micro_batch_size", 0)
@@ -214,11 +219,11 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if live is not None:
         live.close()
     if runtime.is_primary():
-        metrics_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
-                                 os.path.join(workdir, "plot.png"), x="elapsed/episodes",
+        metrics_lib.plot_metrics(paths.join(workdir, metrics_lib.METRICS_FILE),
+                                 paths.join(workdir, "plot.png"), x="elapsed/episodes",
                                  ys=("objective/score", "objective/kl", "objective/kl_coef",
                                      *online.PLOTTED),
-                                 title=f"PPO {os.path.basename(os.path.normpath(workdir))}")
+                                 title=f"PPO {paths.basename(workdir)}")
     return last
 
 

@@ -249,6 +249,9 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
         init_params: reward-model params to start from instead of the initial model with a
             fresh head (an online round with `online.warm`); copied, never donated.
     """
+    # gs:// inputs readable and the workdir writable, before the labels are even read.
+    validation.check_storage(config, workdir, validation.MODEL_INPUTS + ("rewards.init",)
+                             + (("labels.path",) if labels is None else ()))
     setup = RewardSetup(config, labels)  # every input is validated before any compute
     compile_cache.enable_from_config(config)
     run = loop.TrainRun(config, workdir, trainer="train_reward", ignore_sections=IGNORED_SECTIONS)

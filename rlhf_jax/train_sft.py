@@ -35,8 +35,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
-import os
-import shutil
 import time
 
 import jax
@@ -50,7 +48,7 @@ from ml_collections import config_flags
 
 from rlhf_jax import checkpointing, cli, compile_cache, experiment, flops, labelers, models
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax import optim, runtime, sampling, sharding
+from rlhf_jax import optim, paths, runtime, sampling, sharding
 from rlhf_jax.data import summarization, tasks
 from rlhf_jax.data.sft import SFTData, summary_example  # noqa: F401 - re-exported
 from rlhf_jax.models import hf_import
@@ -251,13 +249,14 @@ def _to_host(tree):
 
 def export_hf_model(params, gpt_cfg: models.GPT2Config, tok, workdir: str) -> str:
     """Writes `{workdir}/hf_model` (HF GPT-2 + tokenizer files); replaces a stale one."""
-    path = os.path.join(workdir, HF_MODEL_DIR)
+    path = paths.join(workdir, HF_MODEL_DIR)
     host = _to_host(params)
     if runtime.is_primary():
-        if os.path.exists(path):  # left by a crash after the export, before the final checkpoint
-            shutil.rmtree(path)
-        hf_import.save_hf_checkpoint(host, gpt_cfg, path)
-        tok.save_pretrained(path)  # a complete directory for transformers users
+        if paths.exists(path):  # left by a crash after the export, before the final checkpoint
+            paths.rmtree(path)
+        # The tokenizer files go in with the weights (config.json, which marks a remote
+        # directory complete, is uploaded last).
+        hf_import.save_hf_checkpoint(host, gpt_cfg, path, extra=tok.save_pretrained)
     return path
 
 
@@ -274,6 +273,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Writes `{workdir}/hf_model` at the end (see the module docstring); the same call on the
     same workdir resumes, and returns at once when the run is already done.
     """
+    validation.check_storage(config, workdir, validation.MODEL_INPUTS)
     setup = SFTSetup(config)  # every input is validated before any compute
     compile_cache.enable_from_config(config)
     run = loop.TrainRun(config, workdir, trainer="train_sft", ignore_sections=IGNORED_SECTIONS)
@@ -289,7 +289,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 state, meta = restored
                 checkpointing.check_compatible(meta, run_meta, list(run_meta))
                 if meta.get("phase") == "done":
-                    if not os.path.isdir(os.path.join(workdir, HF_MODEL_DIR)):
+                    if not paths.isdir(paths.join(workdir, HF_MODEL_DIR)):
                         export_hf_model(state["params"], setup.gpt_cfg, setup.tok, workdir)
                     run.close()
                     return meta.get("final", {})
@@ -303,10 +303,10 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
         final = _train_loop(run, trainer, state, run_meta, workdir)
     run.close()
     if runtime.is_primary():
-        metrics_lib.plot_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE),
-                                 os.path.join(workdir, "plot.png"),
+        metrics_lib.plot_metrics(paths.join(workdir, metrics_lib.METRICS_FILE),
+                                 paths.join(workdir, "plot.png"),
                                  ys=("train/loss", "valid/loss"),
-                                 title=f"SFT ({s.mode}) {os.path.normpath(workdir)}")
+                                 title=f"SFT ({s.mode}) {paths.basename(workdir)}")
     return final
 
 
@@ -359,7 +359,7 @@ def _train_loop(run: loop.TrainRun, trainer: SFTTrainer, state, run_meta: dict,
              total=s.steps)
     logger.info("SFT done: train loss %.4f%s; model in %s", final.get("train/loss", float("nan")),
                 f", valid loss {final['valid/loss']:.4f}" if "valid/loss" in final else "",
-                os.path.join(workdir, HF_MODEL_DIR))
+                paths.join(workdir, HF_MODEL_DIR))
     return final
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from etils import epath
 
-from rlhf_jax import runtime
+from rlhf_jax import paths, runtime
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -66,7 +66,7 @@ class WandbRun:
         self.run = wandb.init(
             project=settings["project"],
             entity=settings.get("entity") or None,
-            name=settings.get("name") or os.path.basename(os.path.normpath(os.fspath(workdir))),
+            name=settings.get("name") or paths.basename(workdir),
             group=settings.get("group") or None,
             mode=settings.get("mode") or None,
             id=run_id,

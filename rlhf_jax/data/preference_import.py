@@ -29,6 +29,7 @@ whole file is valid; the output is written atomically and checked by the same va
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from rlhf_jax import label_types
+from rlhf_jax import label_types, paths
 from rlhf_jax.data import labels as labels_lib
 from rlhf_jax.data import sources
 
@@ -56,7 +57,7 @@ def read_records(path: str) -> list[tuple[str, int, dict]]:
     """Reads JSONL (one object per line) or Parquet (one object per row).
 
     Args:
-        path: a local file (or `gs://`, `http(s)://` for JSONL) ending in .parquet/.pq for
+        path: a local file or `gs://` (or `http(s)://` for JSONL) ending in .parquet/.pq for
             Parquet; anything else is read as JSONL.
 
     Returns:
@@ -70,7 +71,10 @@ def read_records(path: str) -> list[tuple[str, int, dict]]:
     if name.endswith(PARQUET_SUFFIXES):
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(name).to_pylist()
+        # A gs:// file is read through the project's path layer (pyarrow's own GCS client
+        # would not follow STORAGE_EMULATOR_HOST nor the same credentials).
+        source = io.BytesIO(paths.read_bytes(name)) if paths.is_remote(name) else name
+        rows = pq.read_table(source).to_pylist()
         records = [(f"{name}:row {i + 1}", i + 1, row) for i, row in enumerate(rows)]
     else:
         lines = sources.read_text(name).splitlines()

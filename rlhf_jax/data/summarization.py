@@ -17,6 +17,7 @@ Article truncation to the query window is done by the shared query pipeline; use
 from __future__ import annotations
 
 import importlib
+import io
 import itertools
 import logging
 import re
@@ -26,6 +27,7 @@ from typing import Any
 
 import ftfy
 
+from rlhf_jax import paths
 from rlhf_jax.data import query_sources, sources
 
 logger = logging.getLogger(__name__)
@@ -381,6 +383,13 @@ def tfds_source(
     )
 
 
+def _open_text(path: str | Path):
+    """A local UTF-8 file opened for reading, or a `gs://` object read whole."""
+    if paths.is_remote(path):
+        return io.StringIO(paths.read_text(path))
+    return Path(path).open(encoding="utf-8")
+
+
 def jsonl_source(
     path: str | Path,
     text_field: str = "article",
@@ -410,11 +419,11 @@ def jsonl_source(
         RecordError: naming the file and 1-based line for malformed JSON, a non-object, a
             missing or non-string field, or an empty article.
     """
-    path = Path(path)
     fix = clean or (lambda s: s)
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for _, where, record in sources.json_objects(f, str(path), RecordError):
+    with _open_text(path) as f:
+        name = path if paths.is_remote(path) else str(Path(path))
+        for _, where, record in sources.json_objects(f, name, RecordError):
             fields = [text_field] + ([summary_field] if summary_field is not None else [])
             for field in fields:
                 if field not in record:

@@ -18,10 +18,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from rlhf_jax import runtime
+from rlhf_jax import paths, runtime
 from rlhf_jax.models.gpt2 import GPT2Config
 
 CONFIG_FILE = "config.json"
@@ -93,6 +95,12 @@ def config_from_hf(hf: dict, path: str = "config.json", **overrides) -> GPT2Conf
 
 
 def _resolve_dir(name_or_dir: str) -> str:
+    if paths.is_remote(name_or_dir):  # a staged copy in a bucket: never the hub
+        if not paths.isdir(name_or_dir):
+            raise CheckpointFormatError(
+                f"{name_or_dir}: no such checkpoint directory (need {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE} under it)")
+        return name_or_dir
     if os.path.isdir(name_or_dir):
         return name_or_dir
     if os.path.exists(name_or_dir):
@@ -111,12 +119,13 @@ def _resolve_dir(name_or_dir: str) -> str:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors file; a bad header or truncated data names the file."""
+    """Reads a safetensors file (local, or remote read whole); a bad header or truncated data
+    names the file."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     try:
-        return load_file(path)
+        return load(paths.read_bytes(path)) if paths.is_remote(path) else load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from e
 
@@ -131,8 +140,8 @@ def load_hf_checkpoint(name_or_dir: str, expected: GPT2Config | None = None, **o
     """Loads an HF GPT-2 checkpoint into our param tree.
 
     Args:
-        name_or_dir: a directory with config.json and model.safetensors, or a hub name (needs
-            network access).
+        name_or_dir: a directory (local or `gs://`) with config.json and model.safetensors, or
+            a hub name (needs network access; a `gs://` path never falls back to the hub).
         expected: if given, the checkpoint's shapes must match this config exactly.
         **overrides: GPT2Config fields that do not change shapes (dtype, remat, pad_id).
 
@@ -144,16 +153,15 @@ def load_hf_checkpoint(name_or_dir: str, expected: GPT2Config | None = None, **o
             names the file and tensor.
     """
     ckpt_dir = _resolve_dir(name_or_dir)
-    cfg_path = os.path.join(ckpt_dir, CONFIG_FILE)
-    weights_path = os.path.join(ckpt_dir, WEIGHTS_FILE)
+    cfg_path = paths.join(ckpt_dir, CONFIG_FILE)
+    weights_path = paths.join(ckpt_dir, WEIGHTS_FILE)
     for p in (cfg_path, weights_path):
-        if not os.path.isfile(p):
+        if not paths.isfile(p):
             raise CheckpointFormatError(f"{p}: missing file (need {CONFIG_FILE} and {WEIGHTS_FILE})")
-    with open(cfg_path, "rb") as f:
-        try:
-            hf_cfg = json.loads(f.read().decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointFormatError(f"{cfg_path}: not valid JSON: {e}") from e
+    try:
+        hf_cfg = json.loads(paths.read_text(cfg_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{cfg_path}: not valid JSON: {e}") from e
     if not isinstance(hf_cfg, dict):
         raise CheckpointFormatError(f"{cfg_path}: expected a JSON object")
     cfg = config_from_hf(hf_cfg, cfg_path, **overrides)
@@ -185,8 +193,8 @@ def load_hf_checkpoint(name_or_dir: str, expected: GPT2Config | None = None, **o
     if leftover:
         raise CheckpointFormatError(f"{weights_path}: unexpected tensors {sorted(leftover)[:5]}")
     params = {"transformer": trunk}
-    heads_path = os.path.join(ckpt_dir, HEADS_FILE)
-    if os.path.isfile(heads_path):
+    heads_path = paths.join(ckpt_dir, HEADS_FILE)
+    if paths.isfile(heads_path):
         for name, arr in _load_safetensors(heads_path).items():
             _set(params, tuple(name.split(".")), np.asarray(arr, np.float32))
     return cfg, params
@@ -202,22 +210,27 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def save_hf_checkpoint(params, config: GPT2Config, out_dir: str) -> None:
+def save_hf_checkpoint(params, config: GPT2Config, out_dir: str,
+                       extra: Callable[[str], Any] | None = None) -> None:
     """Writes params as an HF GPT-2 checkpoint directory, atomically.
 
-    The directory is assembled under a temporary name and renamed into place, so a crash
-    never leaves a half-written checkpoint at `out_dir`.
+    Locally the directory is assembled under a temporary name and renamed into place, so a
+    crash never leaves a half-written checkpoint at `out_dir`. A `gs://` `out_dir` is assembled
+    in a local temporary directory and uploaded with `config.json` last: readers need it, so a
+    crash mid-upload leaves no loadable half checkpoint.
 
     Args:
         params: our param tree (jax or numpy arrays); gathered to the host here.
         config: its GPT2Config.
-        out_dir: destination directory; must not exist yet.
+        out_dir: destination directory (local or `gs://`); must not exist yet.
+        extra: called with the staging directory to add files (e.g. a tokenizer's
+            `save_pretrained`), so they land in the same atomic step.
     """
     import jax
     import transformers
     from safetensors.numpy import save_file
 
-    if os.path.exists(out_dir):
+    if paths.exists(out_dir):
         raise FileExistsError(f"{out_dir}: already exists; refusing to overwrite a checkpoint")
     params = jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x, np.float32)), params)
     trunk = params["transformer"]
@@ -239,15 +252,25 @@ def save_hf_checkpoint(params, config: GPT2Config, out_dir: str) -> None:
         eos_token_id=min(50256, config.vocab_size - 1),
         tie_word_embeddings=True,
     )
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
+    remote = paths.is_remote(out_dir)
+    if remote:
+        tmp = paths.local_staging_dir(".tmp-hf-")
+    else:
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
     try:
         hf_config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         heads = {k: v for k, v in params.items() if k != "transformer"}
         if heads:
             save_file(_flatten(heads), os.path.join(tmp, HEADS_FILE))
+        if extra is not None:
+            extra(tmp)
+        if remote:
+            paths.upload_dir(tmp, out_dir, last=(CONFIG_FILE,))
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         # mkdtemp and safetensors create 0700 / 0600: give everything the user's usual modes.
         for name in [tmp, *(os.path.join(tmp, f) for f in os.listdir(tmp))]:
             runtime.apply_umask(name)

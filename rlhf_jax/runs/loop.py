@@ -25,9 +25,8 @@ from typing import Any
 
 import jax
 import ml_collections
-from etils import epath
 
-from rlhf_jax import checkpointing, metrics as metrics_lib, runtime
+from rlhf_jax import checkpointing, metrics as metrics_lib, paths, runtime
 from rlhf_jax.runs import nonfinite, record
 
 logger = logging.getLogger(__name__)
@@ -63,8 +62,8 @@ class TrainRun:
 
     def open(self, *, save_every: int, keep: int) -> checkpointing.Checkpointer:
         """Creates the workdir and opens `{workdir}/checkpoints`."""
-        epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
-        self.ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, CHECKPOINT_DIR),
+        paths.makedirs(self.workdir)
+        self.ckpt = checkpointing.Checkpointer(paths.join(self.workdir, CHECKPOINT_DIR),
                                                save_every=save_every, keep=keep)
         self.guard.checkpoint_dir = str(self.ckpt.directory)
         return self.ckpt

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from rlhf_jax import label_types, models, optim, scorers, sharding
+from rlhf_jax import label_types, models, optim, paths, scorers, sharding
 
 # How the mock labeler treats samples that fail the validity check (`labeler.invalid_samples`).
 INVALID_SAMPLES = ("resample", "keep")
@@ -168,7 +168,7 @@ def check_rewards(config: ConfigDict, mesh=None) -> None:
 def check_reward_source(config: ConfigDict) -> None:
     """What a PPO run scores with: an existing train_reward workdir, or labels to train on."""
     trained = config.rewards.trained_model
-    if trained and not os.path.isdir(trained) and "://" not in trained:
+    if trained and not paths.is_remote(trained) and not os.path.isdir(trained):
         _fail("rewards.trained_model", trained, "does not exist")
     if not trained:  # train_policy trains a reward model from the label file first
         check_labels(config, need_path=True)
@@ -334,7 +334,8 @@ def check_workdir(workdir: str, flag: str = "workdir") -> None:
     """
     if not workdir:
         raise ConfigError(f"--{flag} is empty")
-    if "://" in workdir:  # object stores are checked by the first write
+    if paths.is_remote(workdir):  # a probe object: bucket, credentials and permission
+        paths.check_writable(workdir, f"--{flag}")
         return
     existing = _nearest_existing(workdir)
     if not os.path.isdir(existing):
@@ -351,7 +352,8 @@ def check_output_file(path: str, flag: str = "output") -> None:
     """
     if not path:
         raise ConfigError(f"--{flag} is empty")
-    if "://" in path:
+    if paths.is_remote(path):  # a probe object beside it: bucket, credentials and permission
+        paths.check_writable(path.rstrip("/").rsplit("/", 1)[0], f"--{flag}")
         return
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -360,3 +362,49 @@ def check_output_file(path: str, flag: str = "output") -> None:
         raise ConfigError(f"--{flag}={path!r}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--{flag}={path!r}: directory {parent} is not writable")
+
+
+# --- Remote (gs://) locations -------------------------------------------------------------------
+
+# Config fields that name an input a trainer reads; `check_storage` checks the remote ones.
+MODEL_INPUTS = ("model.checkpoint", "model.tokenizer", "task.query_dataset", "task.query_data_dir")
+
+
+def _remote_input(value: Any) -> str | None:
+    """The URL an input field names, if remote: `jsonl:gs://b/x_{split}.jsonl` -> `gs://b`-side
+    directory `gs://b` (a `{split}` template is checked up to its directory)."""
+    if not isinstance(value, str) or "://" not in value:
+        return None
+    scheme_at = value.index("://")
+    kind_end = value.rfind(":", 0, scheme_at)  # "jsonl:gs://..." -> strip "jsonl:"
+    url = value[kind_end + 1:] if kind_end >= 0 else value
+    if "{" in url:
+        url = url[: url.index("{")].rsplit("/", 1)[0]
+    return url if url.startswith("gs://") else None
+
+
+def check_storage(config: ConfigDict, workdir: str | None, inputs: Iterable[str]) -> None:
+    """Remote locations, before any compute: the workdir writable, every remote input readable.
+
+    Local paths are left to their readers (they fail at once with the file named); a `gs://`
+    path would otherwise fail only when first used, after minutes of compilation, or (a missing
+    bucket) be created by gcsfs.
+
+    Args:
+        config: the run config.
+        workdir: the run directory, or None.
+        inputs: dotted config fields naming inputs (e.g. "labels.path"); empty values skipped.
+
+    Raises:
+        paths.StorageAccessError: naming `--workdir` or the `--config.` field, the path and why.
+    """
+    if workdir and paths.is_remote(workdir):
+        paths.check_writable(workdir, "--workdir")
+    for field in inputs:
+        try:
+            value = _get(config, field)
+        except (KeyError, AttributeError):
+            continue
+        url = _remote_input(value)
+        if url:
+            paths.check_readable(url, f"--config.{field}")
