@@ -165,7 +165,15 @@ def check_rewards(config: ConfigDict, mesh=None) -> None:
 
 
 def check_reward_source(config: ConfigDict) -> None:
-    """What a PPO run scores with: an existing train_reward workdir, or labels to train on."""
+    """What a PPO run scores with: an existing train_reward workdir, labels to train on, or
+    (`rewards.kind="labeler"`) the task's mock labeler scorer directly."""
+    from rlhf_jax import direct_reward  # the direct reward; it imports this module
+
+    if "kind" in config.rewards:
+        _choice(config, "rewards.kind", direct_reward.REWARD_KINDS)
+    if direct_reward.reward_kind(config) == "labeler":  # no reward model, no labels
+        direct_reward.check_scorer(config)
+        return
     trained = config.rewards.trained_model
     if trained and not os.path.isdir(trained) and "://" not in trained:
         _fail("rewards.trained_model", trained, "does not exist")
