@@ -119,13 +119,7 @@ def test_bad_input(tmp_path):
                        match=r"--config\.rewards\.kind='labeler': the scorer "
                              r"--config\.labeler\.kind='rouge' cannot be built: .*reference"):
         train_policy.train_policy(cfg, str(tmp_path / "b"))
-    cfg = _direct_config()
-    cfg.rewards.kind = "programmatic"
-    with pytest.raises(validation.ConfigError,
-                       match=r"--config\.rewards\.kind='programmatic': expected one of "
-                             r"'learned', 'labeler'"):
-        train_policy.train_policy(cfg, str(tmp_path / "c"))
-    assert not any(os.path.exists(tmp_path / d) for d in "abc")
+    assert not any(os.path.exists(tmp_path / d) for d in "ab")
 
 
 def test_reward_kind_is_recorded_and_not_mutable():

@@ -143,6 +143,7 @@ def check_labeler(config: ConfigDict, mesh=None) -> None:
 def check_rewards(config: ConfigDict, mesh=None) -> None:
     """Reward-model training (also reads labels.num_train, which one epoch splits in batches)."""
     r = config.rewards
+    check_reward_kind(config)
     _ints(config, 1, "rewards.batch_size", "rewards.rollout_batch_size", "rewards.log_every")
     _ints(config, 0, "rewards.normalize_samples", "rewards.verify_samples")
     if (r.normalize_before or r.normalize_after) and r.normalize_samples < 1:
@@ -164,13 +165,20 @@ def check_rewards(config: ConfigDict, mesh=None) -> None:
               "label exactly once)")
 
 
+def check_reward_kind(config: ConfigDict) -> None:
+    """`rewards.kind` (absent in configs written before it existed: "learned")."""
+    from rlhf_jax import direct_reward
+
+    if "kind" in config.rewards:
+        _choice(config, "rewards.kind", direct_reward.REWARD_KINDS)
+
+
 def check_reward_source(config: ConfigDict) -> None:
     """What a PPO run scores with: an existing train_reward workdir, labels to train on, or
     (`rewards.kind="labeler"`) the task's mock labeler scorer directly."""
     from rlhf_jax import direct_reward  # the direct reward; it imports this module
 
-    if "kind" in config.rewards:
-        _choice(config, "rewards.kind", direct_reward.REWARD_KINDS)
+    check_reward_kind(config)
     if direct_reward.reward_kind(config) == "labeler":  # no reward model, no labels
         direct_reward.check_scorer(config)
         return
