@@ -235,7 +235,7 @@ def labels_config(path: str = "", type: str = "best_of_4", num_train: int = 4992
 def labeler_config(kind: str = "vader", **kw) -> ml_collections.ConfigDict:
     """A mock labeler for `python -m rlhf_jax.label` (no humans needed).
 
-    kind (`label.SCORER_KINDS`): "vader" (VADER compound sentiment of the response),
+    kind (`scorers.SCORER_KINDS`): "vader" (VADER compound sentiment of the response),
     "descriptiveness" (share of vivid words: adjectives and adverbs of lemminflect's lexicon,
     `style_scorers.DescriptivenessScorer`), "copying" (prefers sentences copied from the
     article, as the paper's summary labelers did) or "rouge" (prefers ROUGE-L closeness to the
@@ -253,6 +253,46 @@ def labeler_config(kind: str = "vader", **kw) -> ml_collections.ConfigDict:
     cfg = dict(kind=kind, temperature=0.0, field="response", seed=0, rollout_batch_size=64,
                query_offset=100_000, copy_ngram=0, invalid_samples="resample",
                resample_rounds=8)
+    cfg.update(kw)
+    return ml_collections.ConfigDict(cfg)
+
+
+def online_config(**kw) -> ml_collections.ConfigDict:
+    """Online RLHF (spec §5.3, `rlhf_jax.online`): labels collected on the policy's samples
+    while PPO runs, the reward model retrained on a schedule. Off by default (offline runs).
+
+    - enabled: turn the online loop on (train_policy then ignores labels.path and
+      rewards.trained_model).
+    - server: a label server's URL ("http://host:8000"); its admin token is read from the
+      environment variable named by `token_env`, never from the config (config.json is
+      written to the workdir). Or:
+    - db: the label store itself (a SQLAlchemy URL, or a directory holding labels.sqlite) for
+      one-machine runs. Exactly one of server and db.
+    - rm_rounds: reward-model trainings in all (the paper: 20), the first before PPO.
+    - schedule: "linear" or "paper" (front-loaded): the label count the run should have reached
+      at each PPO episode (`online.schedule`).
+    - initial_labels: labels on ρ's samples that train the first reward model.
+    - total_labels: labels of the whole run; the last reward-model round trains on them all.
+    - query_every: every this many PPO iterations, the current policy's samples on fresh
+      queries become comparisons.
+    - validation_fraction: share of those that are validation comparisons (2 ρ + 2 π samples,
+      shuffled); their labels also train the reward model.
+    - invalid_samples: "drop" sends only queries whose samples all pass the task's validity
+      check (the truncation token), as the paper's labelers saw; "keep" sends every sample
+      (random tiny models almost never emit the truncation token).
+    - wait: when PPO runs ahead of the label schedule, wait for the labels (True), or go on with
+      the current reward model and retrain when they arrive (False).
+    - warm: each retrain continues from the last reward model instead of the reference model
+      with a fresh head (the paper re-initialised).
+    - poll_s: seconds between reads of the store while waiting.
+    - query_offset: the fresh queries come from the query stream from this batch index on, away
+      from the batches PPO and the reward normalisation read.
+    - overlap: share of comparisons labelled twice (quality control, the store's agreement).
+    """
+    cfg = dict(enabled=False, server="", token_env="RLHF_JAX_LABEL_TOKEN", db="",
+               rm_rounds=20, schedule="paper", initial_labels=4992, total_labels=60_000,
+               query_every=1, validation_fraction=0.1, invalid_samples="drop", wait=True,
+               warm=False, poll_s=2.0, query_offset=200_000, overlap=0.0)
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
 
@@ -414,6 +454,7 @@ def experiment_config(arg: str | None, *, family: str, task: ml_collections.Conf
     config.model = model_config(arg.model, hf_name(arg.model))
     config.task, config.labels, config.labeler = task, labels, labeler
     config.rewards, config.ppo, config.sft = rewards, ppo, sft
+    config.online = online_config()
     runtime_config(config)
     if arg.runlocal:
         tiny_overrides(config)

@@ -5,7 +5,8 @@ labels with RL "directly" against the programmatic reward those labels came from
 `rewards.kind="labeler"` no reward model is trained or loaded: each rollout's responses are
 post-processed exactly as for the learned reward (`tasks.postprocess_responses`: padded after
 the truncation token), decoded, and scored on the host with the task's mock labeler scorer
-(`label.make_scorer`, one of `label.SCORER_KINDS`: VADER, descriptiveness, copying, ROUGE).
+(`scorers.make_scorer`, one of `scorers.SCORER_KINDS`: VADER, descriptiveness, copying,
+ROUGE).
 Responses that fail the validity check then get `task.penalty_reward_value` instead
 (`tasks.penalize_invalid`), and PPO adds the same per-token KL penalty as with a learned reward
 (`ppo.compute_rewards`). The stage is timed as `time/rollout/labeler`.
@@ -24,16 +25,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import labelers
+from rlhf_jax import labelers, scorers
 from rlhf_jax.data import tasks
 from rlhf_jax.runs import validation
 
-REWARD_KINDS = ("learned", "labeler")
-
-
-def reward_kind(config: ml_collections.ConfigDict) -> str:
-    """`config.rewards.kind`: "learned" (a reward model, the default) or "labeler"."""
-    return config.rewards.get("kind", "learned")
+# The config side lives with the start-up checks; re-exported for the trainers.
+REWARD_KINDS = validation.REWARD_KINDS
+reward_kind = validation.reward_kind
+check_scorer = validation.check_direct_scorer
 
 
 class HostReward:
@@ -93,26 +92,6 @@ class HostReward:
                 for k, v in out.items()}
 
 
-def check_scorer(config: ml_collections.ConfigDict) -> None:
-    """With `rewards.kind="labeler"`, the task must name a mock labeler scorer.
-
-    Raises:
-        validation.ConfigError: naming `--config.rewards.kind`, `--config.labeler.kind` and
-            the known scorers.
-    """
-    from rlhf_jax import label  # the scorer registry; label imports the samplers
-
-    known = ", ".join(label.SCORER_KINDS)
-    kind = config.labeler.get("kind") if "labeler" in config else None
-    if kind not in label.SCORER_KINDS:
-        where = ("the config has no labeler section" if "labeler" not in config
-                 else f"--config.labeler.kind={kind!r} is not one")
-        raise validation.ConfigError(
-            f"--config.rewards.kind='labeler' scores responses with the task's mock labeler "
-            f"scorer, but {where}; known scorers: {known} (set --config.labeler.kind=..., or "
-            f"--config.rewards.kind=learned for a reward model)")
-
-
 def make_host_reward(config: ml_collections.ConfigDict, tokenizer,
                      spec: tasks.TaskSpec) -> HostReward:
     """The direct reward of a `rewards.kind="labeler"` run, built at start-up.
@@ -121,11 +100,9 @@ def make_host_reward(config: ml_collections.ConfigDict, tokenizer,
         validation.ConfigError: when the task has no scorer, or its scorer cannot be built
             (e.g. "rouge" for a query source without reference summaries).
     """
-    from rlhf_jax import label
-
     check_scorer(config)
     try:
-        scorer = label.make_scorer(config, tokenizer, spec)
+        scorer = scorers.make_scorer(config, tokenizer, spec)
     except ValueError as err:
         raise validation.ConfigError(
             f"--config.rewards.kind='labeler': the scorer --config.labeler.kind="

@@ -2,6 +2,7 @@ r"""A mock experiment end to end on a CPU, from nothing: SFT, mock labels, rewar
 
   python -m rlhf_jax.quickstart --workdir /tmp/quickstart              # sentiment (VADER)
   python -m rlhf_jax.quickstart --task tldr --workdir /tmp/qs_tldr     # summaries ("copying")
+  python -m rlhf_jax.quickstart --online --workdir /tmp/qs_online      # online labels (§5.3)
   python -m rlhf_jax.quickstart --task descriptiveness --workdir /tmp/qs_desc  # vivid words
   python -m rlhf_jax.quickstart --reward labeler --workdir /tmp/qs_direct  # direct reward
 
@@ -25,6 +26,12 @@ Stages (each resumable; rerunning the command skips what is done):
    queries, judged by the mock labeler's own metric (not by the learned reward): the mean VADER
    or descriptiveness score, or the novelty of the summaries' n-grams (lower = more copying) and their copying
    score, with ROUGE against the references.
+
+`--online` replaces stages 2 and 3 by the online loop (spec §5.3, `rlhf_jax.online`): a label
+server and two mock label workers start in the background (`labels/`, logs in `labels/logs/`),
+PPO asks them for labels on its own samples as it trains and retrains the reward model on the
+schedule (`policy/online/rm_round_KK`), and the summary adds `online/policy_preferred` and the
+reward model's accuracy on fresh labels over time. The services are stopped at the end.
 """
 
 from __future__ import annotations
@@ -63,12 +70,15 @@ BOOKS_JUDGES = {"sentiment": ("vader", labelers.VaderSentimentScorer),
 
 
 def quickstart_config(workdir: str, task: str = "sentiment",
+                      online: bool = False,
                       reward: str = "learned") -> ml_collections.ConfigDict:
-    """`configs/{task}.py:runlocal` with CPU-sized labels, reward model and PPO.
+    """`configs/{task}.py:runlocal` with CPU-sized labels, reward model and PPO (and, with
+    `online`, the online loop's schedule: 1,024 labels of ρ, then 3 retrains up to 2,048).
 
     Args:
         workdir: where every stage writes.
         task: one of `TASKS`.
+        online: collect the labels online from mock workers (sentiment only).
         reward: "learned" (mock labels, a reward model, PPO against it) or "labeler" (PPO
             directly against the mock labeler's score: `rewards.kind="labeler"`).
     """
@@ -76,6 +86,12 @@ def quickstart_config(workdir: str, task: str = "sentiment",
         raise ValueError(f"quickstart task {task!r}: known tasks are {', '.join(TASKS)}")
     if reward not in REWARDS:
         raise ValueError(f"quickstart reward {reward!r}: known rewards are {', '.join(REWARDS)}")
+    if online and task != "sentiment":
+        raise ValueError("--online runs the sentiment experiment (its mock workers judge with "
+                         "VADER); drop --task or --online")
+    if online and reward == "labeler":
+        raise ValueError("--online collects labels for a reward model; --reward labeler uses "
+                         "none: drop one")
     # The repo's configs/, or the copy a non-editable install puts in rlhf_jax/configs/.
     path = os.path.join(cli.configs_dir() or "configs", f"{task}.py")
     spec = importlib.util.spec_from_file_location(f"{task}_config", path)
@@ -104,6 +120,13 @@ def quickstart_config(workdir: str, task: str = "sentiment",
         # scores nearly every sample 0 (chosen 0.002 in our run: labels without information);
         # the share of copied word bigrams is a graded version of the same preference.
         config.labeler.copy_ngram = 2
+    if online:
+        # The server's URL is set when it has started (`run_quickstart`). The tiny model rarely
+        # ends a sample with '.', so every sample is shown (as the offline labeler does).
+        config.online.update(dict(enabled=True, initial_labels=1024, total_labels=2048,
+                                  rm_rounds=4, schedule="paper", query_every=1,
+                                  validation_fraction=0.25, invalid_samples="keep", poll_s=0.5))
+        config.labels.num_valid = 0
     return config
 
 
@@ -167,7 +190,7 @@ def _headline(task: str, before: dict, after: dict, n: int) -> str:
 
 def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
                    config: ml_collections.ConfigDict | None = None,
-                   samples_per_query: int = 8) -> dict:
+                   samples_per_query: int = 8, online: bool = False) -> dict:
     """Runs every stage; returns the summary (the labeler's metric before and after PPO).
 
     Args:
@@ -176,18 +199,25 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
         num_queries: held-out queries to sample before and after.
         samples_per_query: samples of each query, before and after.
         config: overrides `quickstart_config(workdir, task)` (tests shrink it).
+        online: collect the labels online from mock workers through a label server.
     """
     os.makedirs(workdir, exist_ok=True)
-    config = config or quickstart_config(workdir, task)
+    config = config or quickstart_config(workdir, task, online=online)
     sft_dir = os.path.join(workdir, "sft")
     logger.info("[1/5] supervised fine-tuning of a tiny GPT-2 (%s)", config.sft.mode)
     train_sft.train_sft(config, sft_dir)
     config.model.checkpoint = os.path.join(sft_dir, train_sft.HF_MODEL_DIR)
     direct = config.rewards.get("kind", "learned") == "labeler"
-    if direct:
+    policy_dir = os.path.join(workdir, "policy")
+    if online:
+        logger.info("[2-4/5] online: PPO with labels from mock workers, reward model retrained "
+                    "on the schedule")
+        last, rm_final = _run_online(config, workdir, policy_dir), {}
+    elif direct:
         logger.info("[2-3/5] skipped: PPO maximises the %r labeler's score directly",
                     config.labeler.kind)
-        rm_final = {}
+        logger.info("[4/5] PPO")
+        last, rm_final = train_policy.train_policy(config, policy_dir), {}
     else:
         if not os.path.exists(config.labels.path):
             logger.info("[2/5] mock labels: the %r labeler picks the best of 4 samples",
@@ -195,9 +225,8 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
             label.write_mock_labels(config, config.labels.path)
         logger.info("[3/5] reward model")
         rm_final = train_reward.train_reward(config, config.rewards.trained_model)
-    logger.info("[4/5] PPO")
-    policy_dir = os.path.join(workdir, "policy")
-    last = train_policy.train_policy(config, policy_dir)
+        logger.info("[4/5] PPO")
+        last = train_policy.train_policy(config, policy_dir)
     logger.info("[5/5] samples of the initial and the trained policy on held-out queries")
     t = config.task
     items = summarization.texts_and_references(experiment.query_source(config), "test",
@@ -223,10 +252,13 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
         "final_objective_score": last.get("objective/score"),
         "final_objective_kl": last.get("objective/kl"),
     }
+    if online:
+        summary["online"] = _online_summary(policy_dir)
     metric = {"sentiment": "VADER", "descriptiveness": "descriptiveness"}.get(task, "copying")
+    extra = _online_text(summary["online"]) if online else ""
     against = "the labeler's score directly" if direct else "a learned reward model"
     md = (f"# Quickstart ({task}): before and after PPO against {against}\n\n"
-          f"{_headline(task, judged_before, judged_after, len(after))}\n\n"
+          f"{_headline(task, judged_before, judged_after, len(after))}\n\n{extra}"
           + _table(before[::samples_per_query], after[::samples_per_query], metric))
     runtime.atomic_write_text(os.path.join(workdir, "before_after.md"), md)
     runtime.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
@@ -238,16 +270,52 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     return summary
 
 
+def _run_online(config, workdir: str, policy_dir: str) -> dict:
+    """PPO with online labels from a label server and mock workers run for the occasion."""
+    from rlhf_jax.online import services
+
+    with services.label_services(os.path.join(workdir, "labels"), labeler="vader") as (url,
+                                                                                     token):
+        config.online.server = url
+        os.environ[config.online.token_env] = token  # the config never holds the token
+        return train_policy.train_policy(config, policy_dir)
+
+
+def _online_summary(policy_dir: str) -> dict:
+    """online/policy_preferred and the fresh-label accuracy over PPO iterations."""
+    from rlhf_jax import metrics as metrics_lib
+
+    rows = metrics_lib.read_jsonl(os.path.join(policy_dir, "metrics.jsonl"))
+    series = {k: [[r["step"], r[k]] for r in rows if k in r]
+              for k in ("online/policy_preferred", "online/rm_accuracy_fresh")}
+    return {"policy_preferred": series["online/policy_preferred"],
+            "rm_accuracy_fresh": series["online/rm_accuracy_fresh"],
+            "labels": int(rows[-1].get("online/labels", 0)) if rows else 0,
+            "rm_rounds": int(rows[-1].get("online/rm_round", -1)) + 1 if rows else 0}
+
+
+def _online_text(online: dict) -> str:
+    pref = online["policy_preferred"]
+    shown = ", ".join(f"{v:.2f} (iteration {s})" for s, v in pref[::max(1, len(pref) // 6)])
+    acc = ", ".join(f"{v:.2f}" for _, v in online["rm_accuracy_fresh"])
+    return (f"Online: {online['labels']} labels, {online['rm_rounds']} reward-model rounds. "
+            f"Labelers preferred the policy's sample to the reference's in "
+            f"{shown or 'no validation comparison yet'} (chance 0.5); reward-model accuracy on "
+            f"fresh labels before each retrain: {acc or 'n/a'} (chance 0.25).\n\n")
+
+
 def main(argv):
     del argv
     runtime.setup_logging(flags.FLAGS.workdir)
     f = flags.FLAGS
-    run_quickstart(f.workdir, f.task, config=quickstart_config(f.workdir, f.task, f.reward))
+    run_quickstart(f.workdir, f.task, online=f.online,
+                   config=quickstart_config(f.workdir, f.task, f.online, f.reward))
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Where every stage writes its outputs.")
     flags.DEFINE_enum("task", "sentiment", TASKS, "Which mock experiment to run.")
+    flags.DEFINE_bool("online", False, "Collect labels online from mock label workers.")
     flags.DEFINE_enum("reward", "learned", REWARDS,
                       "learned: mock labels and a reward model; labeler: PPO directly against "
                       "the mock labeler's score (the paper's baseline).")

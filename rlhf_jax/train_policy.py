@@ -7,12 +7,12 @@ r"""PPO fine-tuning of a GPT-2 policy against a learned reward model (spec §4).
 
 Without `rewards.trained_model`, a reward model is trained first into `{workdir}/reward` (the
 original's `train_new_model`); with it, that train_reward workdir's model is loaded and its task
-settings must equal the policy's. With `rewards.kind=labeler` there is no reward model: the
-task's mock labeler scorer (`labeler.kind`) scores each decoded response on the host
-(`rlhf_jax.direct_reward`, timed as `time/rollout/labeler`). Each iteration: rollout (sample,
-reference log-probs, score with penalty, KL-penalised rewards), then `noptepochs` x
-`nminibatches` PPO steps, then the KL controller update (after the update, fed the batch's
-sampling-time KL, spec §10.10).
+settings must equal the policy's. With `rewards.kind=labeler` (the paper's "direct" baseline,
+spec §8) there is no reward model: the task's mock labeler scorer (`labeler.kind`) scores each
+decoded response on the host (`rlhf_jax.direct_reward`, timed as `time/rollout/labeler`).
+Each iteration: rollout (sample, reference log-probs, score with penalty, KL-penalised
+rewards), then `noptepochs` x `nminibatches` PPO steps, then the KL controller update (after
+the update, fed the batch's sampling-time KL, spec §10.10).
 
 The same command on the same workdir resumes, after checking the config against the workdir's
 record (`config.json`, `config_history.jsonl`; see `rlhf_jax.runs.record`). Resume order: (1)
@@ -55,6 +55,7 @@ from rlhf_jax import (
     sharding,
     train_reward,
 )
+from rlhf_jax.online import loop as online
 from rlhf_jax.runs import loop, nonfinite, validation
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ logger = logging.getLogger(__name__)
 EXIT_STOPPED = runtime.EXIT_STOPPED
 # One exception type for every trainer's non-finite stop; the old name stays importable.
 NonFiniteLossError = nonfinite.NonFiniteError
-SECTIONS = ("runtime", "model", "task", "ppo", "rewards")  # validated at start-up
+SECTIONS = ("runtime", "model", "task", "ppo", "rewards", "online")  # validated at start-up
 IGNORED_SECTIONS = ("sft", "labeler")  # not read by PPO with a learned reward
 
 
@@ -91,7 +92,9 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs PPO to `ppo.total_episodes`; returns the last iteration's metrics."""
     p = config.ppo
     mesh, rules = validation.validate_with_mesh(config, SECTIONS)
-    validation.check_reward_source(config)
+    online_on = "online" in config and config.online.enabled
+    if not online_on:  # online: the reward model comes from the rounds of the online loop
+        validation.check_reward_source(config)
     micro = config.model.get("micro_batch_size", 0)
     settings = ppo_trainer.PPOSettings.from_config(p, micro)
     compile_cache.enable_from_config(config)
@@ -100,15 +103,23 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     spec = experiment.task_spec(config, tok, gpt_cfg)
     dataset = experiment.query_dataset(config, tok, spec)
     direct = direct_reward.reward_kind(config) == "labeler"
+    if direct and online_on:
+        raise validation.ConfigError(
+            "--config.rewards.kind='labeler' scores with the mock labeler directly, but "
+            "--config.online.enabled=True collects labels for a reward model: choose one")
     # Built before anything is written: a scorer that cannot be built is a start-up error.
     host_reward = direct_reward.make_host_reward(config, tok, spec) if direct else None
     # Refuses a resume with another config before the reward stage or anything else runs.
     run = loop.TrainRun(config, workdir, trainer="train_policy",
                         ignore_sections=ignored_sections(config))
     if direct:  # no reward model; a separate value network has the policy's shapes
-        reward, rm_cfg = host_reward, gpt_cfg
-    else:  # the reward stage is a run of its own ({workdir}/reward), with its own checks
-        reward, rm_cfg, _ = train_reward.load_reward_model(
+        rm_params, rm_cfg = host_reward, gpt_cfg
+    elif online_on:  # the label store is reached and checked before anything trains
+        store = online.connect(config, online.task_identity(config, gpt_cfg, spec))
+        rm_params, rm_cfg = None, gpt_cfg  # round 0 trains it, below
+    else:
+        # The reward stage is a run of its own (in {workdir}/reward) with its own checks.
+        rm_params, rm_cfg, _ = train_reward.load_reward_model(
             reward_model_dir(config, workdir), mesh, rules, expected_spec=spec)
     with run.starting():  # a failed start in a new workdir leaves none behind
         num_updates = math.ceil(p.total_episodes / p.batch_size)
@@ -134,7 +145,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 trainable["value"] = experiment.with_heads(
                     jax.tree.map(jnp.copy, trunk), gpt_cfg, ("value",), rng_init)
             elif settings.separate_value:
-                trainable["value"] = ppo_trainer.value_params_from_reward(reward)
+                trainable["value"] = ppo_trainer.value_params_from_reward(rm_params)
             with sharding.mesh_context(mesh, rules):
                 trainable = jax.device_put(trainable, layout.trainable)
                 opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(trainable)
@@ -143,6 +154,14 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "kl_coef": jax.device_put(jnp.float32(p.kl.coef), repl)}
 
         run.open(save_every=config.ckpt_every, keep=config.ckpt_keep)
+        live = None
+        if online_on:
+            live = online.OnlineRun(config, workdir, store, online.task_identity(config, gpt_cfg,
+                                                                                spec),
+                                    spec=spec, tok=tok, mesh=mesh, rules=rules, fns=fns,
+                                    layout=layout, dataset=dataset, rm_cfg=rm_cfg,
+                                    ref_params=ref_params,
+                                    stop=lambda: run.stop is not None and run.stop.requested)
         run_meta = {"gpt2_config": dict(vars(gpt_cfg)),
                     "task_spec": experiment.spec_dict(spec), "value_model": p.value_model}
         restored = run.restore(checkpointing.abstract_state(layout.abstract_state,
@@ -151,8 +170,17 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, meta = restored
             checkpointing.check_compatible(meta, run_meta, list(run_meta))
             last = meta.get("final", {})  # a finished run returns its final metrics again
-        else:  # (2) the initial model
-            state, last = fresh_state(), {}
+            if live is not None:
+                rm_params = live.restore(meta.get("online", {}))
+        else:
+            state, last = None, {}
+    if state is None:  # (2) the initial model; online: round 0 first, on ρ's samples
+        if live is not None:  # (outside `starting`: a failed wait must not remove its labels)
+            init_policy = jax.device_put(
+                experiment.with_heads(trunk, gpt_cfg, heads, rng_init), layout.rollout)
+            rm_params, _ = live.before_iteration(0, init_policy)
+            del init_policy
+        state = fresh_state()
 
     start = int(state["step"])
     progress = metrics_lib.Progress(num_updates, start=start, desc="train_policy",
@@ -165,9 +193,12 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       process_count=jax.process_count())
             queries = sharding.host_batch_to_global(local, mesh)
             policy = to_rollout(state["params"]["policy"])
+            online_stats = {}
+            if live is not None:  # enqueue the policy's samples, maybe a new reward model
+                rm_params, online_stats = live.before_iteration(it, policy)
             value_params = state["params"].get("value")
             timings = {}
-            data, stats, extras = fns.rollout(policy, value_params, ref_params, reward,
+            data, stats, extras = fns.rollout(policy, value_params, ref_params, rm_params,
                                               queries, state["kl_coef"],
                                               jax.random.fold_in(rng_sample, it), timings)
             del policy  # the replicated copy: not needed by the update (aot_check counts so)
@@ -176,6 +207,7 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    jax.random.fold_in(rng_shuffle, it))
             done = it + 1
             stats = {k: float(v) for k, v in jax.device_get({**stats, **train_stats}).items()}
+            stats |= online_stats
             # Every stat is on the host already, so the iteration is checked at once.
             run.check(done, flags)
             run.guard.flush()
@@ -199,15 +231,20 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 run.writer.write_samples(done, _sample_rows(tok, extras, spec, config, p.kl.coef))
                 progress.update(done, score=stats["objective/score"], kl=stats["objective/kl"])
             final = {"final": stats} if done == num_updates else {}
+            if live is not None:
+                final["online"] = live.checkpoint_meta()
             run.save(done, state, run_meta | final, force=done == num_updates, total=num_updates)
             del data, extras  # free this iteration's rollout before the next one starts
             if done < num_updates:
                 run.exit_if_stopped(done)
     run.close()
+    if live is not None:
+        live.close()
     if runtime.is_primary():
         metrics_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
                                  os.path.join(workdir, "plot.png"), x="elapsed/episodes",
-                                 ys=("objective/score", "objective/kl", "objective/kl_coef"),
+                                 ys=("objective/score", "objective/kl", "objective/kl_coef",
+                                     *online.PLOTTED),
                                  title=f"PPO {os.path.basename(os.path.normpath(workdir))}")
     return last
 

@@ -69,7 +69,7 @@ from rlhf_jax.runs import loop, nonfinite, validation
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("runtime", "model", "task", "rewards")  # validated at start-up
-IGNORED_SECTIONS = ("ppo", "sft", "labeler")  # not read: changing them does not block a resume
+IGNORED_SECTIONS = ("ppo", "sft", "labeler", "online")  # not read: no resume conflict
 
 
 class RewardSetup:
@@ -237,7 +237,7 @@ def _set_norm(params, gain, bias, param_sharding):
 
 
 def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
-                 labels: dict | None = None) -> dict:
+                 labels: dict | None = None, init_params=None) -> dict:
     """Trains, normalises and saves a reward model; returns the final metrics.
 
     The same call on the same workdir resumes, and returns at once when the run is done.
@@ -246,6 +246,8 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
         config: the run config (validated here before anything is built).
         workdir: the run directory.
         labels: label arrays to train on instead of reading `labels.path` (an online round).
+        init_params: reward-model params to start from instead of the initial model with a
+            fresh head (an online round with `online.warm`); copied, never donated.
     """
     setup = RewardSetup(config, labels)  # every input is validated before any compute
     compile_cache.enable_from_config(config)
@@ -266,7 +268,8 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
                 run.close()
                 return meta.get("final", {})
         else:  # (2) the initial model plus a fresh reward head
-            state = _fresh_state(run, trainer, trunk, ref_trunk, rng_init, rng_sample)
+            state = _fresh_state(run, trainer, trunk, ref_trunk, rng_init, rng_sample,
+                                 init_params)
     state = _train_loop(run, trainer, state, rng_shuffle)
 
     params = state["params"]
@@ -304,11 +307,16 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _fresh_state(run: loop.TrainRun, trainer: RewardTrainer, trunk, ref_trunk, rng_init,
-                 rng_sample):
-    """The initial model plus a fresh reward head, normalised before training if asked."""
+                 rng_sample, init_params=None):
+    """The initial model plus a fresh reward head (or a copy of `init_params`), normalised
+    before training if asked."""
     setup, r = trainer.s, trainer.s.config.rewards
-    rm_trunk = experiment.reward_trunk(setup.config, setup.gpt_cfg, trunk)
-    params = experiment.with_heads(rm_trunk, setup.gpt_cfg, ("reward",), rng_init)
+    if init_params is not None:
+        # A copy: the train step donates its state, and the caller still scores with these.
+        params = jax.tree.map(jnp.copy, init_params)
+    else:
+        rm_trunk = experiment.reward_trunk(setup.config, setup.gpt_cfg, trunk)
+        params = experiment.with_heads(rm_trunk, setup.gpt_cfg, ("reward",), rng_init)
     state = trainer.init_state(params)
     if r.normalize_before:
         target = label_types.target_mean_std(setup.label_type, setup.train_labels)

@@ -62,7 +62,7 @@ HF_MODEL_DIR = "hf_model"
 EXIT_STOPPED = runtime.EXIT_STOPPED
 MODES = validation.SFT_MODES
 SECTIONS = ("runtime", "model", "task", "sft")  # validated at start-up
-IGNORED_SECTIONS = ("ppo", "rewards", "labels", "labeler")  # not read by SFT
+IGNORED_SECTIONS = ("ppo", "rewards", "labels", "labeler", "online")  # not read by SFT
 
 
 def sft_loss(params, batch, *, config: models.GPT2Config, target_start: int):

@@ -46,6 +46,9 @@ MUTABLE_ON_RESUME = (
     # tell whether it is the same data; a change is logged and recorded in the history.
     "task.query_data_dir", "sft.data_dir", "labels.path", "model.checkpoint",
     "rewards.trained_model",
+    # The label store of an online run at another address (the store itself is the record of
+    # what was asked and answered), and how often it is polled.
+    "online.server", "online.db", "online.token_env", "online.poll_s",
     # The device layout: checkpoints restore onto any mesh, and rematerialisation trades memory
     # for compute without changing the maths.
     "mesh.*", "sharding_rules", "model.remat",

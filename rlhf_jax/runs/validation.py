@@ -19,7 +19,10 @@ from typing import Any
 
 import ml_collections
 
-from rlhf_jax import label_types, models, optim, sharding
+from rlhf_jax import label_types, models, optim, scorers, sharding
+
+# How the mock labeler treats samples that fail the validity check (`labeler.invalid_samples`).
+INVALID_SAMPLES = ("resample", "keep")
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -127,14 +130,12 @@ def check_labeler(config: ConfigDict, mesh=None) -> None:
     check_labels(config, need_path=False)
     if not isinstance(label_types.get_label_type(config.labels.type), label_types.BestOfN):
         _fail("labels.type", config.labels.type, "mock labelers write best_of_N labels")
-    from rlhf_jax import label  # the labeler's entry point; it imports this module
-
-    _choice(config, "labeler.kind", label.SCORER_KINDS)
+    _choice(config, "labeler.kind", scorers.SCORER_KINDS)
     _floats(config, 0.0, math.inf, "labeler.temperature")
     _ints(config, 1, "labeler.rollout_batch_size")
     _ints(config, 0, "labeler.query_offset", "labeler.seed", "labeler.copy_ngram")
     if "invalid_samples" in config.labeler:
-        _choice(config, "labeler.invalid_samples", label.INVALID_SAMPLES)
+        _choice(config, "labeler.invalid_samples", INVALID_SAMPLES)
         _ints(config, 0, "labeler.resample_rounds")
     if mesh is not None:
         _divisible("labeler.rollout_batch_size", config.labeler.rollout_batch_size, mesh)
@@ -165,22 +166,46 @@ def check_rewards(config: ConfigDict, mesh=None) -> None:
               "label exactly once)")
 
 
-def check_reward_kind(config: ConfigDict) -> None:
-    """`rewards.kind` (absent in configs written before it existed: "learned")."""
-    from rlhf_jax import direct_reward
+# What PPO maximises (`rewards.kind`): a learned reward model, or the mock labeler's scorer
+# directly (`rlhf_jax.direct_reward`, the paper's baseline).
+REWARD_KINDS = ("learned", "labeler")
 
+
+def reward_kind(config: ConfigDict) -> str:
+    """`config.rewards.kind`; "learned" in configs written before the field existed."""
+    return config.rewards.get("kind", "learned")
+
+
+def check_reward_kind(config: ConfigDict) -> None:
+    """`rewards.kind` must be one of `REWARD_KINDS`."""
     if "kind" in config.rewards:
-        _choice(config, "rewards.kind", direct_reward.REWARD_KINDS)
+        _choice(config, "rewards.kind", REWARD_KINDS)
+
+
+def check_direct_scorer(config: ConfigDict) -> None:
+    """With `rewards.kind="labeler"`, the task must name a mock labeler scorer.
+
+    Raises:
+        ConfigError: naming `--config.rewards.kind`, `--config.labeler.kind` and the known
+            scorers.
+    """
+    known = ", ".join(scorers.SCORER_KINDS)
+    kind = config.labeler.get("kind") if "labeler" in config else None
+    if kind not in scorers.SCORER_KINDS:
+        where = ("the config has no labeler section" if "labeler" not in config
+                 else f"--config.labeler.kind={kind!r} is not one")
+        raise ConfigError(
+            f"--config.rewards.kind='labeler' scores responses with the task's mock labeler "
+            f"scorer, but {where}; known scorers: {known} (set --config.labeler.kind=..., or "
+            f"--config.rewards.kind=learned for a reward model)")
 
 
 def check_reward_source(config: ConfigDict) -> None:
     """What a PPO run scores with: an existing train_reward workdir, labels to train on, or
     (`rewards.kind="labeler"`) the task's mock labeler scorer directly."""
-    from rlhf_jax import direct_reward  # the direct reward; it imports this module
-
     check_reward_kind(config)
-    if direct_reward.reward_kind(config) == "labeler":  # no reward model, no labels
-        direct_reward.check_scorer(config)
+    if reward_kind(config) == "labeler":  # no reward model, no labels
+        check_direct_scorer(config)
         return
     trained = config.rewards.trained_model
     if trained and not os.path.isdir(trained) and "://" not in trained:
@@ -211,6 +236,59 @@ def check_ppo(config: ConfigDict, mesh=None) -> None:
             raise ConfigError(msg if msg.startswith("--config.") else f"--config.{msg}") from None
 
 
+ONLINE_SCHEDULES = ("linear", "paper")
+ONLINE_INVALID = ("drop", "keep")
+
+
+def check_online(config: ConfigDict, mesh=None) -> None:
+    """The online loop (spec §5.3): where the label store is, and a schedule that fits.
+
+    Only when `online.enabled`; the label store itself is checked (reached, token, task) by
+    `rlhf_jax.online` before any training.
+    """
+    if "online" not in config or not config.online.enabled:
+        return
+    o = config.online
+    for path in ("online.server", "online.db", "online.token_env"):
+        if not isinstance(_get(config, path), str):
+            _fail(path, _get(config, path), "must be a string")
+    if bool(o.server) == bool(o.db):
+        _fail("online.server", o.server, "give exactly one of --config.online.server (a label "
+              f"server's URL) and --config.online.db (a store), got db={o.db!r}")
+    if o.server and not o.server.startswith(("http://", "https://")):
+        _fail("online.server", o.server, "expected an http:// or https:// URL")
+    if o.server and not o.token_env:
+        _fail("online.token_env", o.token_env, "name the environment variable holding the "
+              "label server's admin token")
+    _choice(config, "online.schedule", ONLINE_SCHEDULES)
+    _choice(config, "online.invalid_samples", ONLINE_INVALID)
+    _ints(config, 1, "online.rm_rounds", "online.initial_labels", "online.total_labels",
+          "online.query_every")
+    _ints(config, 0, "online.query_offset")
+    _floats(config, 0.0, 1.0, "online.validation_fraction", "online.overlap")
+    _floats(config, 0.0, 3600.0, "online.poll_s", low_open=True)
+    for path in ("online.wait", "online.warm"):
+        if not isinstance(_get(config, path), bool):
+            _fail(path, _get(config, path), "must be True or False")
+    if not isinstance(label_types.get_label_type(config.labels.type), label_types.BestOfN):
+        _fail("labels.type", config.labels.type, "online comparisons are best_of_N")
+    if o.total_labels < o.initial_labels:
+        _fail("online.total_labels", o.total_labels,
+              f"must be >= online.initial_labels={o.initial_labels}")
+    from rlhf_jax.online import schedule  # pure arithmetic: its errors name the fields
+
+    try:
+        schedule.round_label_counts(o.initial_labels, o.total_labels, o.rm_rounds,
+                                    config.rewards.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if mesh is not None:
+        n = label_types.get_label_type(config.labels.type).num_samples
+        if config.ppo.batch_size % n:
+            _fail("ppo.batch_size", config.ppo.batch_size, f"is not divisible by {n}: online "
+                  f"comparisons take ppo.batch_size / {n} fresh queries per sampling")
+
+
 SFT_MODES = ("lm", "summarize")
 SFT_LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -234,8 +312,8 @@ def check_sft(config: ConfigDict, mesh=None) -> None:
 
 SECTIONS = {"runtime": check_runtime, "model": check_model, "task": check_task,
             "labels": check_labels, "labeler": check_labeler, "rewards": check_rewards,
-            "ppo": check_ppo, "sft": check_sft}
-_MESH_SECTIONS = ("labeler", "rewards", "ppo", "sft")
+            "ppo": check_ppo, "sft": check_sft, "online": check_online}
+_MESH_SECTIONS = ("labeler", "rewards", "ppo", "sft", "online")
 
 
 def validate(config: ConfigDict, sections: Iterable[str], mesh=None) -> None:
