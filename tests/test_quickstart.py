@@ -59,5 +59,8 @@ def test_unknown_task():
     with pytest.raises(ValueError, match="known tasks are sentiment, descriptiveness, tldr"):
         quickstart.quickstart_config("/tmp/x", "cnn")
     with pytest.raises(ValueError, match="known rewards are learned, labeler"):
-        quickstart.quickstart_config("/tmp/x", "sentiment", "direct")
-    assert quickstart.quickstart_config("/tmp/x", "sentiment", "labeler").rewards.kind == "labeler"
+        quickstart.quickstart_config("/tmp/x", "sentiment", reward="direct")
+    with pytest.raises(ValueError, match="--reward labeler uses none"):
+        quickstart.quickstart_config("/tmp/x", "sentiment", online=True, reward="labeler")
+    cfg = quickstart.quickstart_config("/tmp/x", "sentiment", reward="labeler")
+    assert cfg.rewards.kind == "labeler"
