@@ -32,6 +32,10 @@ Mock labels without humans (the descriptiveness labeler), then reward model and 
 With the released human labels:
   python -m rlhf_jax.train_policy --config configs/descriptiveness.py --workdir runs/descriptiveness \
       --config.labels.path=/data/labels/descriptiveness/offline_5k.json
+The paper's baseline (Fig. 2/3): PPO directly against the mock labeler's score, no labels
+and no reward model (`rlhf_jax.direct_reward`):
+  python -m rlhf_jax.train_policy --config configs/descriptiveness.py --workdir runs/descriptiveness_direct \
+      --config.rewards.kind=labeler
 Paper scale (774M) on a TPU slice:
   python -m rlhf_jax.train_policy --config configs/descriptiveness.py:model=774M --workdir gs://B/runs/d
 CPU smoke run, tiny random GPT-2:

@@ -32,6 +32,10 @@ Reward model only:
 Policy (trains the reward model first, as the original's train_new_model):
   python -m rlhf_jax.train_policy --config configs/sentiment.py --workdir runs/sentiment \
       --config.labels.path=/data/labels/sentiment/offline_5k.json
+The paper's baseline (Fig. 2/3): PPO directly against the mock labeler's score, no labels
+and no reward model (`rlhf_jax.direct_reward`):
+  python -m rlhf_jax.train_policy --config configs/sentiment.py --workdir runs/sentiment_direct \
+      --config.rewards.kind=labeler
 Paper scale (774M) on a TPU slice:
   python -m rlhf_jax.train_policy --config configs/sentiment.py:model=774M --workdir gs://B/runs/s
 CPU smoke run, tiny random GPT-2, mock VADER labels (see README quickstart):

@@ -218,6 +218,10 @@ def reward_config(**kw) -> ml_collections.ConfigDict:
         # Used by train_policy: train a new reward model first (the original's
         # train_new_model), or load the one in this train_reward workdir.
         trained_model="",
+        # What PPO maximises: "learned" (the reward model above) or "labeler" (the task's
+        # mock labeler scorer, `labeler.kind`, applied to each response on the host: the
+        # paper's "direct" baseline, spec §8; no reward model or labels are used).
+        kind="learned",
     )
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)

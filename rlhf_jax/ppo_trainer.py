@@ -9,7 +9,9 @@ that a host-side stage can be slotted in between (e.g. a reward computed outside
 3. `value` (only with a separate value network): its values of the responses;
 4. `reference`: the reference policy's log-probs of the responses;
 5. `score`: the frozen reward model's score of the truncated response, with the penalty for
-   responses without a stop token;
+   responses without a stop token (stage "reward"); or, with `rewards.kind="labeler"`, the
+   host-side mock labeler's score of the decoded response with the same penalty
+   (`direct_reward.HostReward`, stage "labeler");
 then `finish`: the KL-penalised per-token rewards and the rollout statistics. `rollout(...)`
 runs them in order (and records each one's wall time when asked).
 
@@ -69,7 +71,7 @@ def grouped_permutation(rng: Array, batch: int, groups: int, nminibatches: int) 
     return perms.reshape(nminibatches, -1)
 
 
-ROLLOUT_STAGES = ("prefill", "decode", "value", "reference", "reward", "finish")
+ROLLOUT_STAGES = ("prefill", "decode", "value", "reference", "reward", "labeler", "finish")
 
 
 class PPOFunctions:
@@ -120,7 +122,9 @@ class PPOFunctions:
         Args:
             policy: policy params in the rollout layout.
             value_params: a separate value network's params, or None.
-            ref, rm: frozen reference and reward params.
+            ref: frozen reference params.
+            rm: frozen reward-model params, or a host-side reward (`direct_reward.HostReward`,
+                called as `rm(queries, responses, batch_sharding)`; timed as "labeler").
             queries: `[batch, query_length]` global batch.
             kl_coef: scalar KL coefficient.
             rng: PRNG key of this iteration's sampling.
@@ -138,7 +142,10 @@ class PPOFunctions:
         if self.s.separate_value:
             samples["values"] = clock("value", self.value(value_params, queries, responses))
         ref_logprobs = clock("reference", self.reference(ref, queries, responses))
-        scored = clock("reward", self.score(rm, queries, responses))
+        if callable(rm):  # the direct reward, on the host (reward-model params are a dict)
+            scored = clock("labeler", rm(queries, responses, self._batch))
+        else:
+            scored = clock("reward", self.score(rm, queries, responses))
         return clock("finish", self.finish(queries, samples, ref_logprobs, scored, kl_coef))
 
     def _prefill(self, policy, queries, rng):

@@ -3,6 +3,12 @@ r"""A mock experiment end to end on a CPU, from nothing: SFT, mock labels, rewar
   python -m rlhf_jax.quickstart --workdir /tmp/quickstart              # sentiment (VADER)
   python -m rlhf_jax.quickstart --task tldr --workdir /tmp/qs_tldr     # summaries ("copying")
   python -m rlhf_jax.quickstart --online --workdir /tmp/qs_online      # online labels (§5.3)
+  python -m rlhf_jax.quickstart --task descriptiveness --workdir /tmp/qs_desc  # vivid words
+  python -m rlhf_jax.quickstart --reward labeler --workdir /tmp/qs_direct  # direct reward
+
+`--reward labeler` is the paper's "direct" baseline (spec §8): stages 2 and 3 are skipped and
+PPO maximises the mock labeler's own score (`rewards.kind="labeler"`), with the same PPO
+budget, seed and before/after measurement as the learned-reward run.
 
 Stages (each resumable; rerunning the command skips what is done):
 1. `sft/`: a tiny random GPT-2 (real GPT-2 vocabulary) is fine-tuned on the bundled book
@@ -11,13 +17,14 @@ Stages (each resumable; rerunning the command skips what is done):
    passages ("builtin:lead": the first sentence is the reference summary);
 2. `labels.json`: mock best-of-4 labels: a scorer picks the best of 4 samples of that model, as
    the paper's mock sentiment experiment did with a classifier. `sentiment`: VADER sentiment;
+   `descriptiveness`: the share of vivid words (`style_scorers.DescriptivenessScorer`);
    `tldr`: the "copying" labeler, which prefers sentences copied from the article, as the
    paper's human labelers of summaries ended up doing (spec §8);
 3. `reward/`: the reward model, trained on those labels and normalised;
 4. `policy/`: PPO against the reward model;
 5. `before_after.md`, `summary.json`: samples of the initial and the trained policy on held-out
    queries, judged by the mock labeler's own metric (not by the learned reward): the mean VADER
-   score, or the novelty of the summaries' n-grams (lower = more copying) and their copying
+   or descriptiveness score, or the novelty of the summaries' n-grams (lower = more copying) and their copying
    score, with ROUGE against the references.
 
 `--online` replaces stages 2 and 3 by the online loop (spec §5.3, `rlhf_jax.online`): a label
@@ -46,6 +53,7 @@ from rlhf_jax import (
     paths,
     runtime,
     sample,
+    style_scorers,
     summary_metrics,
     summary_scorers,
     train_policy,
@@ -55,18 +63,36 @@ from rlhf_jax import (
 from rlhf_jax.data import summarization
 
 logger = logging.getLogger(__name__)
-TASKS = ("sentiment", "tldr")
+TASKS = ("sentiment", "descriptiveness", "tldr")
+REWARDS = ("learned", "labeler")  # rewards.kind
+# The books tasks' mock labelers, judged by the same scorer (name, scorer class).
+BOOKS_JUDGES = {"sentiment": ("vader", labelers.VaderSentimentScorer),
+                "descriptiveness": ("descriptiveness", style_scorers.DescriptivenessScorer)}
 
 
 def quickstart_config(workdir: str, task: str = "sentiment",
-                      online: bool = False) -> ml_collections.ConfigDict:
+                      online: bool = False,
+                      reward: str = "learned") -> ml_collections.ConfigDict:
     """`configs/{task}.py:runlocal` with CPU-sized labels, reward model and PPO (and, with
-    `online`, the online loop's schedule: 1,024 labels of ρ, then 3 retrains up to 2,048)."""
+    `online`, the online loop's schedule: 1,024 labels of ρ, then 3 retrains up to 2,048).
+
+    Args:
+        workdir: where every stage writes.
+        task: one of `TASKS`.
+        online: collect the labels online from mock workers (sentiment only).
+        reward: "learned" (mock labels, a reward model, PPO against it) or "labeler" (PPO
+            directly against the mock labeler's score: `rewards.kind="labeler"`).
+    """
     if task not in TASKS:
         raise ValueError(f"quickstart task {task!r}: known tasks are {', '.join(TASKS)}")
+    if reward not in REWARDS:
+        raise ValueError(f"quickstart reward {reward!r}: known rewards are {', '.join(REWARDS)}")
     if online and task != "sentiment":
         raise ValueError("--online runs the sentiment experiment (its mock workers judge with "
                          "VADER); drop --task or --online")
+    if online and reward == "labeler":
+        raise ValueError("--online collects labels for a reward model; --reward labeler uses "
+                         "none: drop one")
     # The repo's configs/, or the copy a non-editable install puts in rlhf_jax/configs/.
     path = os.path.join(cli.configs_dir() or "configs", f"{task}.py")
     spec = importlib.util.spec_from_file_location(f"{task}_config", path)
@@ -82,6 +108,7 @@ def quickstart_config(workdir: str, task: str = "sentiment",
     # lr 3e-4 to 3e-3, 512 to 4096 labels); from a random trunk the same run reached 0.54.
     config.rewards.init = "random"
     config.rewards.trained_model = paths.join(workdir, "reward")
+    config.rewards.kind = reward
     # PPO sized for two CPU cores; a random-init tiny model needs a much larger step than the
     # original's 1e-5 for pretrained GPT-2.
     config.ppo.batch_size = 32
@@ -107,12 +134,13 @@ def quickstart_config(workdir: str, task: str = "sentiment",
 def judge(task: str, rows: list[dict], copy_ngram: int = 0) -> dict:
     """The mock labeler's own metric of samples (adds per-row scores to `rows`)."""
     queries, responses = [r["query"] for r in rows], [r["response"] for r in rows]
-    if task == "sentiment":
-        scores = labelers.VaderSentimentScorer("response")(queries, responses)
+    if task in BOOKS_JUDGES:
+        name, scorer = BOOKS_JUDGES[task]
+        scores = scorer("response")(queries, responses)
         for row, score in zip(rows, scores):
             row["score"] = float(score)
-        return {"vader": float(np.mean(scores)),
-                "vader_stderr": float(np.std(scores) / np.sqrt(len(scores)))}
+        return {name: float(np.mean(scores)),
+                f"{name}_stderr": float(np.std(scores) / np.sqrt(len(scores)))}
     scores = summary_scorers.CopyingScorer(ngram=copy_ngram)(queries, responses)
     for row, score in zip(rows, scores):
         row["score"] = float(score)
@@ -149,10 +177,12 @@ def _novelty_text(judged: dict) -> str:
 
 
 def _headline(task: str, before: dict, after: dict, n: int) -> str:
-    if task == "sentiment":
-        return (f"Mean VADER compound score of {n} samples on held-out queries: "
-                f"**{before['vader']:.3f} ± {before['vader_stderr']:.3f} → "
-                f"{after['vader']:.3f} ± {after['vader_stderr']:.3f}** (± one standard error).")
+    if task in BOOKS_JUDGES:
+        name = BOOKS_JUDGES[task][0]
+        label = "VADER compound" if name == "vader" else "descriptiveness"
+        return (f"Mean {label} score of {n} samples on held-out queries: "
+                f"**{before[name]:.3f} ± {before[name + '_stderr']:.3f} → "
+                f"{after[name]:.3f} ± {after[name + '_stderr']:.3f}** (± one standard error).")
     return (f"{n} summaries of held-out passages. Copying score (the labeler's): "
             f"**{before['copying_score']:.3f} → {after['copying_score']:.3f}**. Novelty (% of the "
             f"summaries' n-grams not in the article; lower = more copied):\n\n- initial: "
@@ -166,7 +196,7 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
 
     Args:
         workdir: where every stage writes.
-        task: "sentiment" or "tldr".
+        task: one of `TASKS`.
         num_queries: held-out queries to sample before and after.
         samples_per_query: samples of each query, before and after.
         config: overrides `quickstart_config(workdir, task)` (tests shrink it).
@@ -178,11 +208,17 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     logger.info("[1/5] supervised fine-tuning of a tiny GPT-2 (%s)", config.sft.mode)
     train_sft.train_sft(config, sft_dir)
     config.model.checkpoint = paths.join(sft_dir, train_sft.HF_MODEL_DIR)
+    direct = config.rewards.get("kind", "learned") == "labeler"
     policy_dir = paths.join(workdir, "policy")
     if online:
         logger.info("[2-4/5] online: PPO with labels from mock workers, reward model retrained "
                     "on the schedule")
         last, rm_final = _run_online(config, workdir, policy_dir), {}
+    elif direct:
+        logger.info("[2-3/5] skipped: PPO maximises the %r labeler's score directly",
+                    config.labeler.kind)
+        logger.info("[4/5] PPO")
+        last, rm_final = train_policy.train_policy(config, policy_dir), {}
     else:
         if not paths.exists(config.labels.path):
             logger.info("[2/5] mock labels: the %r labeler picks the best of 4 samples",
@@ -209,6 +245,7 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     judged_before, judged_after = judge(task, before, ngram), judge(task, after, ngram)
     summary = {
         "task": task,
+        "reward": "labeler" if direct else "learned",
         "before": judged_before,
         "after": judged_after,
         "num_samples": len(after),
@@ -218,9 +255,10 @@ def run_quickstart(workdir: str, task: str = "sentiment", num_queries: int = 64,
     }
     if online:
         summary["online"] = _online_summary(policy_dir)
-    metric = "VADER" if task == "sentiment" else "copying"
+    metric = {"sentiment": "VADER", "descriptiveness": "descriptiveness"}.get(task, "copying")
     extra = _online_text(summary["online"]) if online else ""
-    md = (f"# Quickstart ({task}): before and after PPO\n\n"
+    against = "the labeler's score directly" if direct else "a learned reward model"
+    md = (f"# Quickstart ({task}): before and after PPO against {against}\n\n"
           f"{_headline(task, judged_before, judged_after, len(after))}\n\n{extra}"
           + _table(before[::samples_per_query], after[::samples_per_query], metric))
     runtime.atomic_write_text(paths.join(workdir, "before_after.md"), md)
@@ -270,12 +308,17 @@ def _online_text(online: dict) -> str:
 def main(argv):
     del argv
     runtime.setup_logging(flags.FLAGS.workdir)
-    run_quickstart(flags.FLAGS.workdir, flags.FLAGS.task, online=flags.FLAGS.online)
+    f = flags.FLAGS
+    run_quickstart(f.workdir, f.task, online=f.online,
+                   config=quickstart_config(f.workdir, f.task, f.online, f.reward))
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Where every stage writes its outputs.")
     flags.DEFINE_enum("task", "sentiment", TASKS, "Which mock experiment to run.")
     flags.DEFINE_bool("online", False, "Collect labels online from mock label workers.")
+    flags.DEFINE_enum("reward", "learned", REWARDS,
+                      "learned: mock labels and a reward model; labeler: PPO directly against "
+                      "the mock labeler's score (the paper's baseline).")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -2,12 +2,17 @@ r"""PPO fine-tuning of a GPT-2 policy against a learned reward model (spec §4).
 
   python -m rlhf_jax.train_policy --config configs/sentiment.py --workdir runs/sentiment \
       [--config.rewards.trained_model=runs/sentiment_rm] [--config.ppo.lr=2e-5]
+  python -m rlhf_jax.train_policy --config configs/sentiment.py --workdir runs/direct \
+      --config.rewards.kind=labeler        # the paper's "direct" baseline (spec §8)
 
 Without `rewards.trained_model`, a reward model is trained first into `{workdir}/reward` (the
 original's `train_new_model`); with it, that train_reward workdir's model is loaded and its task
-settings must equal the policy's. Each iteration: rollout (sample, reference log-probs, score
-with penalty, KL-penalised rewards), then `noptepochs` x `nminibatches` PPO steps, then the
-KL controller update (after the update, fed the batch's sampling-time KL, spec §10.10).
+settings must equal the policy's. With `rewards.kind=labeler` (the paper's "direct" baseline,
+spec §8) there is no reward model: the task's mock labeler scorer (`labeler.kind`) scores each
+decoded response on the host (`rlhf_jax.direct_reward`, timed as `time/rollout/labeler`).
+Each iteration: rollout (sample, reference log-probs, score with penalty, KL-penalised
+rewards), then `noptepochs` x `nminibatches` PPO steps, then the KL controller update (after
+the update, fed the batch's sampling-time KL, spec §10.10).
 
 The same command on the same workdir resumes, after checking the config against the workdir's
 record (`config.json`, `config_history.jsonl`; see `rlhf_jax.runs.record`). Resume order: (1)
@@ -38,6 +43,7 @@ from rlhf_jax import (
     checkpointing,
     cli,
     compile_cache,
+    direct_reward,
     experiment,
     flops,
     kl_control,
@@ -58,7 +64,14 @@ EXIT_STOPPED = runtime.EXIT_STOPPED
 # One exception type for every trainer's non-finite stop; the old name stays importable.
 NonFiniteLossError = nonfinite.NonFiniteError
 SECTIONS = ("runtime", "model", "task", "ppo", "rewards", "online")  # validated at start-up
-IGNORED_SECTIONS = ("sft", "labeler")  # not read by PPO
+IGNORED_SECTIONS = ("sft", "labeler")  # not read by PPO with a learned reward
+
+
+def ignored_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Sections a resume may change: the direct reward reads the labeler's."""
+    if direct_reward.reward_kind(config) == "labeler":
+        return tuple(s for s in IGNORED_SECTIONS if s != "labeler")
+    return IGNORED_SECTIONS
 
 
 def _kl_settings(p: ml_collections.ConfigDict) -> dict:
@@ -94,9 +107,19 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tok = experiment.tokenizer(config)
     spec = experiment.task_spec(config, tok, gpt_cfg)
     dataset = experiment.query_dataset(config, tok, spec)
+    direct = direct_reward.reward_kind(config) == "labeler"
+    if direct and online_on:
+        raise validation.ConfigError(
+            "--config.rewards.kind='labeler' scores with the mock labeler directly, but "
+            "--config.online.enabled=True collects labels for a reward model: choose one")
+    # Built before anything is written: a scorer that cannot be built is a start-up error.
+    host_reward = direct_reward.make_host_reward(config, tok, spec) if direct else None
     # Refuses a resume with another config before the reward stage or anything else runs.
-    run = loop.TrainRun(config, workdir, trainer="train_policy", ignore_sections=IGNORED_SECTIONS)
-    if online_on:  # the label store is reached and checked before anything trains
+    run = loop.TrainRun(config, workdir, trainer="train_policy",
+                        ignore_sections=ignored_sections(config))
+    if direct:  # no reward model; a separate value network has the policy's shapes
+        rm_params, rm_cfg = host_reward, gpt_cfg
+    elif online_on:  # the label store is reached and checked before anything trains
         store = online.connect(config, online.task_identity(config, gpt_cfg, spec))
         rm_params, rm_cfg = None, gpt_cfg  # round 0 trains it, below
     else:
@@ -110,8 +133,9 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
         heads, repl = layout.heads, sharding.replicated(mesh)
         to_rollout = layout.to_rollout()
         fns = layout.functions(gpt_cfg, rm_cfg, spec, settings, tx, mesh)
+        model_flops = flops.ppo_config_flops(gpt_cfg, p, spec, rm_cfg)
         throughput = flops.Throughput(
-            flops.ppo_config_flops(gpt_cfg, p, spec, rm_cfg)["total"],
+            model_flops["total"] - (model_flops["reward"] if direct else 0.0),
             flops.ppo_iteration_tokens(p.batch_size, spec.context_length,
                                        spec.response_length),
             jax.devices()[0].device_kind, mesh.size, config.model.dtype)
@@ -122,7 +146,10 @@ def train_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         def fresh_state():
             trainable = {"policy": experiment.with_heads(trunk, gpt_cfg, heads, rng_init)}
-            if settings.separate_value:
+            if settings.separate_value and direct:  # the initial trunk and a fresh value head
+                trainable["value"] = experiment.with_heads(
+                    jax.tree.map(jnp.copy, trunk), gpt_cfg, ("value",), rng_init)
+            elif settings.separate_value:
                 trainable["value"] = ppo_trainer.value_params_from_reward(rm_params)
             with sharding.mesh_context(mesh, rules):
                 trainable = jax.device_put(trainable, layout.trainable)

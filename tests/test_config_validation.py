@@ -31,6 +31,7 @@ BAD_VALUES = [
     ("rewards", "rewards.rollout_batch_size", 0, "must be >= 1"),
     ("rewards", "rewards.log_every", 0, "must be >= 1"),
     ("rewards", "rewards.lr_schedule", "step", "expected one of 'linear', 'cosine'"),
+    ("rewards", "rewards.kind", "programmatic", "expected one of 'learned', 'labeler'"),
     ("rewards", "rewards.normalize_samples", 0, "while rewards.normalize_before/after is on"),
     ("rewards", "labels.num_train", 0, "must be >= 1"),
     ("rewards", "labels.num_valid", -1, "must be >= 0"),

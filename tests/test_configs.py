@@ -30,8 +30,9 @@ PAPER_774M = {
 
 # Fields added after issue 16 by other work (new options with their own tests): they are new
 # keys in every config, not changes to the paper's settings (issue 15 added the two model ones,
-# issue 13 the online section).
-ADDED_LATER = ("wandb.", "model.micro_batch_size", "model.compilation_cache", "online.")
+# issue 13 the online section, issue 16 item 3 rewards.kind, default "learned").
+ADDED_LATER = ("wandb.", "model.micro_batch_size", "model.compilation_cache", "online.",
+               "rewards.kind")
 
 
 def intended_changes(name, arg):

@@ -40,6 +40,11 @@ def test_judges():
     assert quickstart.judge("sentiment", rows)["vader"] == pytest.approx(
         (rows[0]["score"] + rows[1]["score"]) / 2)
     assert rows[0]["score"] > 0.5 > -0.5 > rows[1]["score"]
+    rows = [{"query": "It was a day.", "response": "The pale moon rose slowly over silent hills."},
+            {"query": "It was a day.", "response": "He went to the shop and then he left."}]
+    judged = quickstart.judge("descriptiveness", rows)
+    assert rows[0]["score"] > rows[1]["score"] and set(judged) == {"descriptiveness",
+                                                                   "descriptiveness_stderr"}
     rows = [{"query": "The cat sat on the mat. It purred.", "response": "The cat sat on the mat.",
              "reference": "A cat sat."},
             {"query": "The cat sat on the mat. It purred.", "response": "Dogs bark loudly.",
@@ -51,5 +56,11 @@ def test_judges():
 
 
 def test_unknown_task():
-    with pytest.raises(ValueError, match="known tasks are sentiment, tldr"):
+    with pytest.raises(ValueError, match="known tasks are sentiment, descriptiveness, tldr"):
         quickstart.quickstart_config("/tmp/x", "cnn")
+    with pytest.raises(ValueError, match="known rewards are learned, labeler"):
+        quickstart.quickstart_config("/tmp/x", "sentiment", reward="direct")
+    with pytest.raises(ValueError, match="--reward labeler uses none"):
+        quickstart.quickstart_config("/tmp/x", "sentiment", online=True, reward="labeler")
+    cfg = quickstart.quickstart_config("/tmp/x", "sentiment", reward="labeler")
+    assert cfg.rewards.kind == "labeler"

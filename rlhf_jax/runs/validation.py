@@ -144,6 +144,7 @@ def check_labeler(config: ConfigDict, mesh=None) -> None:
 def check_rewards(config: ConfigDict, mesh=None) -> None:
     """Reward-model training (also reads labels.num_train, which one epoch splits in batches)."""
     r = config.rewards
+    check_reward_kind(config)
     _ints(config, 1, "rewards.batch_size", "rewards.rollout_batch_size", "rewards.log_every")
     _ints(config, 0, "rewards.normalize_samples", "rewards.verify_samples")
     if (r.normalize_before or r.normalize_after) and r.normalize_samples < 1:
@@ -165,8 +166,47 @@ def check_rewards(config: ConfigDict, mesh=None) -> None:
               "label exactly once)")
 
 
+# What PPO maximises (`rewards.kind`): a learned reward model, or the mock labeler's scorer
+# directly (`rlhf_jax.direct_reward`, the paper's baseline).
+REWARD_KINDS = ("learned", "labeler")
+
+
+def reward_kind(config: ConfigDict) -> str:
+    """`config.rewards.kind`; "learned" in configs written before the field existed."""
+    return config.rewards.get("kind", "learned")
+
+
+def check_reward_kind(config: ConfigDict) -> None:
+    """`rewards.kind` must be one of `REWARD_KINDS`."""
+    if "kind" in config.rewards:
+        _choice(config, "rewards.kind", REWARD_KINDS)
+
+
+def check_direct_scorer(config: ConfigDict) -> None:
+    """With `rewards.kind="labeler"`, the task must name a mock labeler scorer.
+
+    Raises:
+        ConfigError: naming `--config.rewards.kind`, `--config.labeler.kind` and the known
+            scorers.
+    """
+    known = ", ".join(scorers.SCORER_KINDS)
+    kind = config.labeler.get("kind") if "labeler" in config else None
+    if kind not in scorers.SCORER_KINDS:
+        where = ("the config has no labeler section" if "labeler" not in config
+                 else f"--config.labeler.kind={kind!r} is not one")
+        raise ConfigError(
+            f"--config.rewards.kind='labeler' scores responses with the task's mock labeler "
+            f"scorer, but {where}; known scorers: {known} (set --config.labeler.kind=..., or "
+            f"--config.rewards.kind=learned for a reward model)")
+
+
 def check_reward_source(config: ConfigDict) -> None:
-    """What a PPO run scores with: an existing train_reward workdir, or labels to train on."""
+    """What a PPO run scores with: an existing train_reward workdir, labels to train on, or
+    (`rewards.kind="labeler"`) the task's mock labeler scorer directly."""
+    check_reward_kind(config)
+    if reward_kind(config) == "labeler":  # no reward model, no labels
+        check_direct_scorer(config)
+        return
     trained = config.rewards.trained_model
     if trained and not paths.is_remote(trained) and not os.path.isdir(trained):
         _fail("rewards.trained_model", trained, "does not exist")
