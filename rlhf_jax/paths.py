@@ -20,6 +20,7 @@ missing credentials or a refused permission fail there with the path and the fla
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -30,8 +31,12 @@ from etils import epath
 # What a denied request looks like, per GCS client: gcsfs raises OSError("Forbidden ...") for
 # 403 and its HttpError (code 401) for a missing or invalid token; tensorstore reports
 # PERMISSION_DENIED / UNAUTHENTICATED; google-auth raises DefaultCredentialsError.
-_DENIED_WORDS = ("forbidden", "401", "403", "permission", "unauthenticated", "unauthorized",
-                 "credentials", "anonymous caller")
+# Status codes match as whole words, and only in the message with its URLs taken out: a probe
+# object's random hex name once held "401". Words match inside names too
+# (DefaultCredentialsError, PERMISSION_DENIED).
+_DENIED = re.compile(r"\b(?:401|403)\b|forbidden|permission|unauthenticated|unauthorized|"
+                     r"credentials|anonymous caller")
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
 CREDENTIALS_HINT = (
     "check the credentials and the bucket's permissions: on a TPU VM the VM's service account "
     "needs roles/storage.objectAdmin on the bucket (launch/README.md, step 1.3); elsewhere run "
@@ -168,8 +173,8 @@ def bucket_of(path: str) -> str:
 
 
 def _denied(err: BaseException) -> bool:
-    text = f"{type(err).__name__} {err}".lower()
-    return any(word in text for word in _DENIED_WORDS)
+    text = _URL.sub(" ", f"{type(err).__name__} {err}".lower())
+    return _DENIED.search(text) is not None
 
 
 def _describe(path: str, flag: str, err: BaseException, action: str) -> StorageAccessError:

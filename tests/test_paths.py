@@ -95,3 +95,17 @@ def test_access_checks_name_the_flag_and_path(gcs_emulator):  # noqa: F811
                        match=rf"--config\.labels\.path='gs://{bucket}/l\.json': cannot read: "
                              r"no such file"):
         paths.check_readable(f"gs://{bucket}/l.json", "--config.labels.path")
+
+
+def test_denied_is_told_from_missing_by_the_error_not_by_names_in_it():
+    """A missing bucket whose URL holds "401" (a random probe name did, failing CI once) or
+    "credentials" is still a missing bucket; real refusals of each client are denials."""
+    missing = FileNotFoundError("http://127.0.0.1:1/upload/storage/v1/b/credentials-b/o?"
+                                "name=run%2F.rlhf_jax_write_probe-ae08306401b53")
+    msg = str(paths._describe("gs://credentials-b/run", "--workdir", missing, "write"))
+    assert "does not exist" in msg and "access denied" not in msg
+    for err in (OSError("Forbidden: gs://b/run"), OSError("401 Anonymous caller does not have"),
+                ValueError("PERMISSION_DENIED: ..."), ValueError("UNAUTHENTICATED"),
+                type("DefaultCredentialsError", (Exception,), {})("no credentials found")):
+        msg = str(paths._describe("gs://b/run", "--workdir", err, "write"))
+        assert "access denied" in msg, (err, msg)
