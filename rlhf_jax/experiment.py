@@ -12,6 +12,7 @@ import logging
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rlhf_jax import models, paths, sharding
 from rlhf_jax.data import query_sources, summarization, tasks
@@ -51,7 +52,16 @@ def initial_trunk(config: ml_collections.ConfigDict, gpt_cfg: models.GPT2Config)
         return params["transformer"]
     logger.info("initial model: random %s GPT-2 (init_seed=%d)", m.preset, m.init_seed)
     params = jax.jit(lambda k: models.init_params(gpt_cfg, k))(jax.random.key(m.init_seed))
-    return jax.tree.map(np.asarray, params["transformer"])
+    return jax.tree.map(_to_host, params["transformer"])
+
+
+def _to_host(a: jax.Array) -> np.ndarray:
+    """The whole value of `a` on every process. Traced under a multi-process mesh (an online
+    run's reward round), the init's outputs span other processes' devices; every process runs
+    this, so gathering them is one collective."""
+    if a.is_fully_addressable:
+        return np.asarray(a)
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
 def reward_trunk(config: ml_collections.ConfigDict, gpt_cfg: models.GPT2Config, policy_trunk):

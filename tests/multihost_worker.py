@@ -1,6 +1,7 @@
 """One process of the multi-process train_policy run of tests/test_multihost.py.
 
   python -m tests.multihost_worker WORKDIR RM_DIR REPORT_JSON
+  python -m tests.multihost_worker WORKDIR --online=STORE_DIR REPORT_JSON
 
 The test starts one of these per process, with XLA_FLAGS giving each process its CPU devices
 and RLHF_JAX_COORDINATOR / RLHF_JAX_NUM_PROCESSES / RLHF_JAX_PROCESS_ID describing the cluster
@@ -26,6 +27,15 @@ def config(rm_dir: str):
     cfg = tiny_config(total_episodes=32)  # batch 16: 2 PPO iterations
     cfg.rewards.trained_model = rm_dir
     return cfg
+
+
+def online_config(store_dir: str):
+    """tests/test_online.py's tiny online run, shortened to 2 PPO iterations and 2 reward-model
+    rounds (16 labels, then 24), against the SQLite label store in `store_dir`."""
+    from tests.test_online import online_config as tiny_online
+
+    return tiny_online(**{"online.db": store_dir, "ppo.total_episodes": 32,
+                          "online.total_labels": 24, "online.rm_rounds": 2})
 
 
 def _record_writes(workdir: str, runtime) -> list[str]:
@@ -69,7 +79,9 @@ def main(argv: list[str]) -> None:
     from rlhf_jax import train_policy
 
     writes = _record_writes(workdir, runtime)
-    last = train_policy.train_policy(config(rm_dir), workdir)
+    cfg = (online_config(rm_dir.split("=", 1)[1]) if rm_dir.startswith("--online=")
+           else config(rm_dir))
+    last = train_policy.train_policy(cfg, workdir)
     out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
            "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
            "workdir_writes": sorted(set(writes)), "last": last, "seconds": time.time() - t0}

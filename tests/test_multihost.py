@@ -234,3 +234,56 @@ def _restore(workdir, step, abstract=None):
         return ckpt.restore(step, abstract)
     finally:
         ckpt.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cpu_collectives_missing() is not None,
+                    reason=f"JAX CPU collectives unavailable: {_cpu_collectives_missing()}")
+def test_online_run_on_two_processes(tmp_path):
+    """The online loop on 2 processes x 4 devices (issue 13 item 5): only process 0 talks to the
+    label store and writes run files; process 1 gets the label counts, label arrays and online
+    metrics by collective, so both log the same metrics, and the store holds each comparison
+    once (process 1 sends none)."""
+    from rlhf_jax.labeling.store import LabelStore
+    from tests.test_online import StoreWorker
+
+    store_dir, multi, logdir = tmp_path / "store", tmp_path / "multi", tmp_path / "logs"
+    logdir.mkdir()
+    LabelStore.open(workdir=str(store_dir)).close()
+    worker = StoreWorker(str(store_dir), "mock-vader")
+    worker.start()
+    coordinator = f"127.0.0.1:{_free_port()}"
+    jobs = {}
+    for i in range(NUM_PROCESSES):
+        cluster = {runtime.COORDINATOR_ENV: coordinator,
+                   runtime.NUM_PROCESSES_ENV: str(NUM_PROCESSES),
+                   runtime.PROCESS_ID_ENV: str(i)}
+        jobs[f"process{i}"] = ([str(multi), f"--online={store_dir}",
+                                str(tmp_path / f"process{i}.json")], _env(LOCAL_DEVICES, cluster))
+    try:
+        seconds = _run_all(jobs, logdir)
+    finally:
+        worker.finish()
+    print("subprocess wall seconds:", {k: round(v) for k, v in seconds.items()})
+
+    reports = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in jobs}
+    first = _without_timing(reports["process0"]["last"])
+    assert first["online/rm_round"] == 1 and first["online/rm_labels"] == 24
+    assert _without_timing(reports["process1"]["last"]) == first
+    # A reward-model round's orbax checkpoints and saved model hold every process's shards;
+    # process 1 writes nothing else.
+    others = [w for w in reports["process1"]["workdir_writes"]
+              if not (w.startswith("online/rm_round_")
+                      and ("/checkpoints/" in w or ".orbax-checkpoint-tmp/" in w))]
+    assert others == [], f"process 1 wrote run files: {others}"
+    rows = _jsonl(multi / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["online/rm_round"] for r in rows] == [0, 1]
+    assert [r["online/rm_labels"] for r in rows] == [16, 24]
+    store = LabelStore.open(workdir=str(store_dir))
+    try:
+        counts = store.counts()
+    finally:
+        store.close()
+    # The store holds exactly the comparisons the run counted as sent.
+    assert counts["comparisons"]["total"] == rows[-1]["online/enqueued"]
