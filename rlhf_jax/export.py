@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 
 import ml_collections
 from absl import flags
@@ -136,12 +135,8 @@ def export_run(workdir: str, output: str, *, step: int | None = None) -> dict:
     cfg, task = run["gpt2_config"], _task_settings(run)
     tok_name = run["config"].model.tokenizer if run["config"] is not None else "gpt2"
     remote = paths.is_remote(output)
-    if remote:  # assembled locally, then uploaded with config.json last (paths.upload_dir)
-        staging = paths.local_staging_dir(".tmp-export-")
-    else:
-        parent = os.path.dirname(os.path.abspath(output))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    # A remote export is assembled locally, then uploaded with config.json last.
+    staging = paths.staging_dir_for(output, ".tmp-export-")
     try:
         model_dir = os.path.join(staging, "model")
         hf_import.save_hf_checkpoint(run["params"], cfg, model_dir)  # + heads file for an RM

@@ -160,6 +160,20 @@ def local_staging_dir(prefix: str = "rlhf_jax-") -> str:
     return tempfile.mkdtemp(prefix=prefix)
 
 
+def staging_dir_for(target: str, prefix: str) -> str:
+    """A fresh temporary directory in which to assemble the directory `target`.
+
+    Local `target`: beside it (its parent is created), so that `os.replace` moves the result
+    into place atomically on one file system. Remote `target`: a local temporary directory,
+    uploaded afterwards (`upload_dir`).
+    """
+    if is_remote(target):
+        return local_staging_dir(prefix)
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
 # --- Start-up access checks ---------------------------------------------------------------------
 
 # Object stores checked at start-up (http(s) inputs are read once, with their own errors).

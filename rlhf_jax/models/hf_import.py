@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -253,12 +252,7 @@ def save_hf_checkpoint(params, config: GPT2Config, out_dir: str,
         tie_word_embeddings=True,
     )
     remote = paths.is_remote(out_dir)
-    if remote:
-        tmp = paths.local_staging_dir(".tmp-hf-")
-    else:
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
+    tmp = paths.staging_dir_for(out_dir, ".tmp-hf-")
     try:
         hf_config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
